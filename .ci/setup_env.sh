@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Builds the test environment from nothing: the real ComfyUI host from ../shared/host,
+# a venv with the host's torch stack, the host's requirements, the pack's requirements
+# and the test tools. Idempotent: a step whose result is present is skipped.
+#   LLMGA_VENV        venv folder        (default: <repo>/.venv)
+#   LLMGA_COMFYUI_DIR unpacked ComfyUI   (default: <repo>/.host/ComfyUI)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+shared=${LLMGA_SHARED_DIR:-$root/../shared}
+venv=${LLMGA_VENV:-$root/.venv}
+host=${LLMGA_COMFYUI_DIR:-$root/.host/ComfyUI}
+py=${PYTHON:-python3}
+
+if [ ! -f "$host/main.py" ]; then
+  echo "[setup] unpacking ComfyUI into $host"
+  mkdir -p "$host"
+  tar -C "$host" --strip-components=1 -xzf "$shared/host/ComfyUI-0.3.64.tar.gz"
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating venv $venv"
+  "$py" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+stamp="$venv/.llmga-setup-$(cat "$root/requirements.txt" "$root/.ci/requirements-test.txt" | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  echo "[setup] installing torch stack (from local disk where available)"
+  "${pip[@]}" install torch==2.14.1 torchvision==0.29.1
+  echo "[setup] installing host requirements"
+  grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$host/requirements.txt" > "$venv/host-requirements.txt"
+  "${pip[@]}" install -r "$venv/host-requirements.txt" requests
+  echo "[setup] installing pack and test requirements"
+  "${pip[@]}" install -r "$root/requirements.txt" -r "$root/.ci/requirements-test.txt"
+  touch "$stamp"
+fi
+echo "[setup] ready: venv=$venv host=$host"

@@ -1,0 +1,166 @@
+"""LLMGA MLLM nodes: load an LLMGA multimodal LLM, and let it write generation prompts.
+
+The model math lives in llmga_core.mllm; these nodes convert ComfyUI values, put the model under the
+host's memory management (so SD can push it off the GPU and the host's free actions release it) and
+report progress per token, which is also where a user interrupt is honoured.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..llmga_core.mllm import TASKS, load_mllm
+from .paths import MLLM_FOLDER, list_model_dirs, resolve_model_path
+
+log = logging.getLogger("llmga")
+
+VISION_TOWER_NAME = "clip-vit-large-patch14-336"
+DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+MLLMType = io.Custom("LLMGA_MLLM")
+ConversationType = io.Custom("LLMGA_CONVERSATION")
+
+
+class LoadedMLLM:
+    """What flows along an LLMGA_MLLM link: the library model plus the host patcher that owns its memory."""
+
+    def __init__(self, mllm, patcher):
+        self.mllm = mllm
+        self.patcher = patcher
+
+    def __repr__(self):
+        return f"LoadedMLLM({self.mllm.folder}, {self.mllm.family}, {self.mllm.dtype})"
+
+
+def find_vision_tower_in_clip_vision() -> str | None:
+    """models/clip_vision/clip-vit-large-patch14-336 (or openai/…), as a folder, if a user put it there."""
+    for root in folder_paths.get_folder_paths("clip_vision"):
+        for candidate in (os.path.join(root, VISION_TOWER_NAME), os.path.join(root, "openai", VISION_TOWER_NAME)):
+            if os.path.isfile(os.path.join(candidate, "config.json")):
+                return candidate
+    return None
+
+
+def choose_dtype(name: str, device: torch.device) -> torch.dtype:
+    if DTYPES[name] is not None:
+        return DTYPES[name]
+    # the original runs the LLM in float16; on a CPU that is slow and imprecise, so float32 there
+    return torch.float16 if mm.should_use_fp16(device) else torch.float32
+
+
+def kv_cache_bytes(mllm, tokens: int) -> int:
+    """Memory the KV cache of `tokens` positions needs, so the host can make room before generating."""
+    cfg = mllm.model.language_model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * heads * head_dim * torch.finfo(mllm.dtype).bits // 8
+    return per_token * tokens + 256 * 1024 * 1024  # + activations of the prefill
+
+
+class LLMGAMLLMLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LLMGAMLLMLoader",
+            display_name="LLMGA MLLM Loader",
+            category="LLMGA/loaders",
+            description="Loads an LLMGA multimodal LLM folder (as released on Hugging Face) from models/LLM.",
+            inputs=[
+                io.Combo.Input("model_name", options=list_model_dirs(MLLM_FOLDER, "config.json"),
+                               tooltip="A folder under models/LLM, e.g. llmga-Qwen2-0.5B-full-finetune. The CLIP "
+                                       "vision tower openai/clip-vit-large-patch14-336 goes beside it or under "
+                                       "models/clip_vision/clip-vit-large-patch14-336."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
+                               tooltip="auto: float16 on a GPU (as LLMGA runs), float32 on the CPU."),
+            ],
+            outputs=[MLLMType.Output(display_name="mllm")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, dtype: str = "auto") -> io.NodeOutput:
+        folder = resolve_model_path(MLLM_FOLDER, model_name, want_dir=True)
+        load_device = mm.get_torch_device()
+        offload_device = mm.text_encoder_offload_device()
+        mllm = load_mllm(folder, vision_tower=find_vision_tower_in_clip_vision(), device=offload_device,
+                         dtype=choose_dtype(dtype, load_device))
+        patcher = comfy.model_patcher.ModelPatcher(mllm.model, load_device=load_device,
+                                                   offload_device=offload_device, size=mllm.size_bytes())
+        return io.NodeOutput(LoadedMLLM(mllm, patcher))
+
+
+class LLMGAPromptGenerator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LLMGAPromptGenerator",
+            display_name="LLMGA Prompt Generator",
+            category="LLMGA",
+            description="The LLMGA assistant writes a detailed generation prompt (or chats) from your instruction, "
+                        "optionally looking at an image and a mask.",
+            inputs=[
+                MLLMType.Input("mllm"),
+                io.Combo.Input("task", options=list(TASKS), default="text-to-image",
+                               tooltip="chat sends the instruction as it is; the other tasks phrase it as LLMGA was "
+                                       "trained (text-to-image: your keywords; similar-image/inpainting/outpainting "
+                                       "need an image, the last two a mask; an empty instruction uses LLMGA's phrase)."),
+                io.String.Input("instruction", multiline=True, default="",
+                                tooltip="Keywords or a request, e.g. 'a cat on a windowsill at dusk'."),
+                io.Image.Input("image", optional=True, tooltip="The image the assistant looks at (first of a batch)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="White = region to generate (inpainting/outpainting); it reaches the model black."),
+                ConversationType.Input("conversation", optional=True,
+                                       tooltip="Continue the dialogue of an earlier LLMGA Prompt Generator."),
+                io.Float.Input("temperature", default=0.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="0 = greedy (deterministic, identical to the original at temperature 0)."),
+                io.Float.Input("top_p", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Nucleus sampling when temperature > 0; 1 = off."),
+                io.Int.Input("max_new_tokens", default=512, min=1, max=4096),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+            ],
+            outputs=[
+                io.String.Output(display_name="prompt", tooltip="The caption from <gen_image>…</gen_image>."),
+                io.String.Output(display_name="response", tooltip="The whole answer."),
+                ConversationType.Output(display_name="conversation"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, mllm, task: str, instruction: str, image=None, mask=None, conversation=None,
+                temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 512,
+                seed: int = 0) -> io.NodeOutput:
+        notes = []
+        pil_like = None
+        if image is not None:
+            if image.shape[0] > 1:
+                notes.append(f"The image batch has {image.shape[0]} images; the assistant looks at the first.")
+            pil_like = image[0, :, :, :3]
+        mask_2d = None
+        if mask is not None:
+            mask_2d = mask[0] if mask.ndim == 3 else mask
+
+        mm.load_models_gpu([mllm.patcher], memory_required=kv_cache_bytes(mllm.mllm, 2048 + max_new_tokens),
+                           force_full_load=True)
+        progress = comfy.utils.ProgressBar(max_new_tokens)
+
+        def on_token(step, token_id):
+            progress.update_absolute(step, max_new_tokens)  # also raises when the user interrupts
+
+        reply = mllm.mllm.generate(instruction, task=task, image=pil_like, mask=mask_2d, conversation=conversation,
+                                   temperature=temperature, top_p=None if top_p >= 1.0 else top_p,
+                                   max_new_tokens=max_new_tokens, seed=seed, on_token=on_token)
+        notes.extend(reply.notes)
+        for note in notes:
+            log.warning("LLMGA Prompt Generator: %s", note)
+        shown = reply.prompt if not notes else reply.prompt + "\n\n[" + " ".join(notes) + "]"
+        return io.NodeOutput(reply.prompt, reply.response, reply.conversation, ui=ui.PreviewText(shown))
+
+
+NODES = [LLMGAMLLMLoader, LLMGAPromptGenerator]

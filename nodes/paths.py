@@ -1,0 +1,79 @@
+"""Model folders of the pack inside the host's folder_paths, and safe name resolution.
+
+Kinds registered here (so extra_model_paths.yaml can add more roots):
+  LLM       models/LLM/<name>/        LLMGA MLLM folders (config.json inside)
+  diffrir   models/diffrir/<file>     DiffRIR weights (.pth, .safetensors)
+The host already knows `diffusers` (models/diffusers/<name>/) and `clip_vision`.
+"""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+MLLM_FOLDER = "LLM"
+DIFFRIR_FOLDER = "diffrir"
+SD_FOLDER = "diffusers"
+
+_registered = False
+
+
+def register_model_folders() -> None:
+    """Adds the pack's model kinds once; keeps any paths extra_model_paths.yaml added."""
+    global _registered
+    if _registered:
+        return
+    for kind, exts in ((MLLM_FOLDER, set()), (DIFFRIR_FOLDER, {".pth", ".pt", ".safetensors"})):
+        default = os.path.join(folder_paths.models_dir, kind)
+        if kind not in folder_paths.folder_names_and_paths:
+            folder_paths.folder_names_and_paths[kind] = ([default], exts)
+        else:
+            paths, known = folder_paths.folder_names_and_paths[kind]
+            if default not in paths:
+                paths.append(default)
+            if exts:
+                known.update(exts)
+    _registered = True
+
+
+def list_model_dirs(kind: str, marker: str) -> list[str]:
+    """Folders (relative to any root of `kind`) that contain the file `marker`, sorted.
+
+    Like the host's DiffusersLoader: walks every root, follows links, and names a folder
+    by its path relative to the root ("/" separated so workflows are portable).
+    """
+    found = set()
+    for root in folder_paths.get_folder_paths(kind):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            if marker in filenames and os.path.abspath(dirpath) != os.path.abspath(root):
+                found.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def _inside(root: str, candidate: str) -> bool:
+    root = os.path.realpath(root)
+    candidate = os.path.realpath(candidate)
+    return os.path.commonpath([root, candidate]) == root
+
+
+def resolve_model_path(kind: str, name: str, *, want_dir: bool) -> str:
+    """Absolute path of model `name` of `kind`; refuses names that leave the model folders."""
+    if not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"Model name {name!r} must be a path inside the {kind} model folders "
+                         f"(no absolute paths, no '..').")
+    roots = folder_paths.get_folder_paths(kind)
+    for root in roots:
+        candidate = os.path.join(root, name)
+        # a symlinked model folder is fine; the name itself may not climb out of the root
+        if not os.path.normpath(candidate).startswith(os.path.normpath(root) + os.sep):
+            continue
+        ok = os.path.isdir(candidate) if want_dir else os.path.isfile(candidate)
+        if ok:
+            return candidate
+    where = ", ".join(roots) or f"models/{kind}"
+    what = "folder" if want_dir else "file"
+    raise FileNotFoundError(f"No {kind} model {what} named {name!r}; put it under {where} "
+                            f"and refresh the node list.")

@@ -1,0 +1,22 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import llmga_core` from the checkout
+
+
+@pytest.fixture(scope="session")
+def comfy_inprocess():
+    """The real host imported in this process (CPU); returns its folder_paths module."""
+    from tests.host import import_host_inprocess
+
+    return import_host_inprocess()
+
+
+@pytest.fixture(scope="session")
+def llmga_pack(comfy_inprocess):
+    """This checkout imported by path as the host imports a custom node pack."""
+    from tests.host import import_pack_inprocess
+
+    return import_pack_inprocess()
