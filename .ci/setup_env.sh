@@ -33,4 +33,14 @@ if [ ! -f "$stamp" ]; then
   "${pip[@]}" install -r "$root/requirements.txt" -r "$root/.ci/requirements-test.txt"
   touch "$stamp"
 fi
+# The frontend test drives the real ComfyUI frontend in Debian's headless Chromium via playwright-core.
+if [ ! -x /usr/bin/chromium ]; then
+  echo "[setup] installing Debian's chromium"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+if [ ! -d "$root/tests/frontend/node_modules/playwright-core" ]; then
+  echo "[setup] installing playwright-core"
+  (cd "$root/tests/frontend" && npm install --no-audit --no-fund --silent)
+fi
 echo "[setup] ready: venv=$venv host=$host"

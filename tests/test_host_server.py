@@ -1,0 +1,227 @@
+"""The pack inside a real ComfyUI server (../shared/host) on 127.0.0.1, driven through its HTTP API.
+
+One server for the module, with tiny models in the released folder layouts under its base directory.
+Every shipped API workflow runs to an image; the UI workflows convert to exactly their API twins.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.host import REPO, ComfyServer
+from tests.workflow_format import ui_to_api
+
+WORKFLOWS = REPO / "workflows"
+API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.json"))
+UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
+PACK_NODES = {"LLMGAMLLMLoader", "LLMGAPromptGenerator", "LLMGALongCLIPTextEncode", "LLMGACheckpointLoader",
+              "DiffRIRLoader", "DiffRIRRestore"}
+MLLM_FAMILIES = {  # released folder names used by the shipped workflows -> fixture family
+    "llmga-vicuna-7b-v1.5-full-finetune": "vicuna",
+    "llmga-llama3-8b-it-full-finetune": "llama3",
+    "llmga-Qwen2-0.5B-full-finetune": "qwen2",
+}
+SD_KINDS = {"llmga-sd15-t2i-v2": "sd15", "llmga-sdxl-t2i": "sdxl",
+            "llmga-sd15-inpainting-v2": "sd15-inpaint", "llmga-sdxl-inpainting-v2": "sdxl-inpaint"}
+
+
+def small_run(workflow: dict) -> dict:
+    """The same graph at test size: few steps, a small canvas, few new tokens."""
+    for node in workflow.values():
+        inputs = node["inputs"]
+        if node["class_type"] in ("KSampler", "KSamplerAdvanced"):
+            inputs["steps"] = 2
+            if "start_at_step" in inputs:
+                inputs["start_at_step"] = min(inputs["start_at_step"], 1)
+        if node["class_type"] == "EmptyLatentImage":
+            inputs["width"] = inputs["height"] = 64
+        if node["class_type"] == "LLMGAPromptGenerator":
+            inputs["max_new_tokens"] = 12
+        if node["class_type"] == "LLMGAMLLMLoader":
+            inputs["dtype"] = "float32"
+        if node["class_type"] == "ImagePadForOutpaint":
+            for side in ("left", "top", "right", "bottom"):
+                inputs[side] = min(inputs[side], 32)
+        if node["class_type"] == "DiffRIRRestore":
+            inputs["tile_size"] = 32  # exercises the tiled path on the test canvas
+    return workflow
+
+
+def write_input_images(input_dir: Path) -> None:
+    """RGBA test pictures: LoadImage turns transparent pixels into mask = 1 (the region to fill)."""
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rgba = np.concatenate([rng.integers(0, 256, (64, 64, 3)), np.full((64, 64, 1), 255)], axis=2).astype("uint8")
+    rgba[16:40, 20:48, 3] = 0
+    input_dir.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgba, "RGBA").save(input_dir / "llmga_inpaint_example.png")
+    Image.fromarray(rgba[:, :, :3], "RGB").save(input_dir / "llmga_outpaint_example.png")
+
+
+@pytest.fixture(scope="module")
+def models_base(tmp_path_factory):
+    from tests.fixtures.tiny_mllm import make_mllm_folder, make_vision_tower
+    from tests.fixtures.tiny_diffrir import make_diffrir_weights
+    from tests.fixtures.tiny_sd import make_sd_folder
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    models = base / "models"
+    for name, family in MLLM_FAMILIES.items():
+        make_mllm_folder(models / "LLM", family, name=name)
+    make_vision_tower(models / "clip_vision" / "clip-vit-large-patch14-336")
+    for name, kind in SD_KINDS.items():
+        make_sd_folder(models / "diffusers", kind, name=name)
+    make_diffrir_weights(models / "diffrir" / "DiffRIR_x1.pth", scale=1)
+    write_input_images(base / "input")
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(models_base):
+    srv = ComfyServer(models_base).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def test_pack_imports_cleanly_and_lists_its_nodes(server, object_info):
+    log = server.log()
+    assert "IMPORT FAILED" not in log and "Cannot import" not in log, log[-3000:]
+    missing = PACK_NODES - set(object_info)
+    assert not missing, f"nodes not registered: {missing}"
+    for node_id in PACK_NODES:
+        assert object_info[node_id]["python_module"] == "custom_nodes.comfyui-llmga"
+    assert object_info["LLMGAMLLMLoader"]["input"]["required"]["model_name"][0] == sorted(MLLM_FAMILIES)
+    assert set(SD_KINDS) <= set(object_info["LLMGACheckpointLoader"]["input"]["required"]["model_name"][0])
+
+
+def test_web_extension_is_served(server):
+    listed = server.get("/extensions")
+    assert "/extensions/comfyui-llmga/js/llmga_text.js" in listed
+
+
+@pytest.mark.parametrize("path", API_WORKFLOWS, ids=lambda p: p.stem)
+def test_api_workflow_runs_to_an_image(server, models_base, path):
+    workflow = small_run(json.loads(path.read_text()))
+    entry = server.run(workflow)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    saved = [img for out in entry["outputs"].values() for img in out.get("images", []) if img["type"] == "output"]
+    assert saved, entry["outputs"]
+    for img in saved:
+        png = models_base / "output" / img["subfolder"] / img["filename"]
+        assert png.is_file() and png.stat().st_size > 0
+    generators = [nid for nid, n in workflow.items() if n["class_type"] == "LLMGAPromptGenerator"]
+    for nid in generators:
+        assert entry["outputs"][nid]["text"], "the prompt is shown on the node"
+
+
+def test_prompt_generator_matches_the_library(server, models_base):
+    """The server's greedy prompt for a workflow equals llmga_core's on the same folder."""
+    from llmga_core.mllm import load_mllm
+
+    workflow = small_run(json.loads((WORKFLOWS / "api" / "llmga_t2i_sd15.json").read_text()))
+    entry = server.run(workflow)
+    shown = entry["outputs"]["2"]["text"][0]
+    mllm = load_mllm(models_base / "models" / "LLM" / workflow["1"]["inputs"]["model_name"],
+                     vision_tower=models_base / "models" / "clip_vision" / "clip-vit-large-patch14-336",
+                     dtype=__import__("torch").float32)
+    reply = mllm.generate(workflow["2"]["inputs"]["instruction"], task="text-to-image", max_new_tokens=12)
+    assert shown.startswith(reply.prompt)
+
+
+def test_bad_input_is_one_clear_error_and_the_server_keeps_serving(server):
+    workflow = small_run(json.loads((WORKFLOWS / "api" / "llmga_t2i_sd15.json").read_text()))
+    workflow["2"]["inputs"]["instruction"] = "   "
+    workflow["2"]["inputs"]["seed"] = 12345  # a new cache key
+    entry = server.run(workflow)
+    assert entry["status"]["status_str"] == "error"
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and errors[0]["node_type"] == "LLMGAPromptGenerator"
+    assert "instruction" in errors[0]["exception_message"].lower()
+    # the next prompt still works
+    workflow["2"]["inputs"]["instruction"] = "a small boat"
+    assert server.run(workflow)["status"]["status_str"] == "success"
+
+
+def test_model_name_outside_the_model_folders_is_refused(server):
+    workflow = small_run(json.loads((WORKFLOWS / "api" / "llmga_t2i_sd15.json").read_text()))
+    workflow["3"]["inputs"]["model_name"] = "../../etc"
+    status, body = server.post("/prompt", {"prompt": workflow, "client_id": server.client_id})
+    assert status == 400 or body.get("node_errors")
+    assert "3" in body["node_errors"]
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
+def test_ui_workflow_equals_its_api_twin(object_info, path):
+    twin = WORKFLOWS / "api" / path.name
+    assert twin.is_file(), f"{path.name} has no API-format twin in workflows/api/"
+    converted = ui_to_api(json.loads(path.read_text()), object_info)
+    expected = json.loads(twin.read_text())
+    strip = lambda wf: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in wf.items()}  # noqa: E731
+    assert strip(converted) == strip(expected)
+
+
+def test_every_api_workflow_has_a_ui_twin():
+    assert {p.name for p in API_WORKFLOWS} == {p.name for p in UI_WORKFLOWS}
+
+
+def test_run_workflow_command_writes_images_and_prompt(server, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "llmga_core.run_workflow", str(WORKFLOWS / "api" / "llmga_t2i_sd15.json"),
+           "--server", server.url, "--out", str(out), "--set", "steps=2", "--set", "width=64",
+           "--set", "height=64", "--set", "max_new_tokens=8", "--set", "dtype=float32",
+           "--set", "LLMGAPromptGenerator.instruction=a quiet harbour"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list(out.glob("*.png")), done.stdout
+    assert (out / "prompt_2.txt").read_text().strip() != "" or "prompt_2.txt" in done.stdout
+
+
+def test_run_workflow_names_missing_models_and_where_they_go(server, tmp_path):
+    workflow = json.loads((WORKFLOWS / "api" / "llmga_t2i_sd15.json").read_text())
+    workflow["1"]["inputs"]["model_name"] = "llmga-Qwen2-7B-full-finetune"
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(workflow))
+    done = subprocess.run([sys.executable, "-m", "llmga_core.run_workflow", str(path), "--server", server.url,
+                           "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "llmga-Qwen2-7B-full-finetune" in done.stderr
+    assert "LLM" in done.stderr and "huggingface.co/binxia/llmga-Qwen2-7B-full-finetune" in done.stderr
+
+
+def test_run_workflow_refuses_a_ui_workflow(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "llmga_core.run_workflow", str(UI_WORKFLOWS[0]),
+                           "--server", "http://127.0.0.1:9"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "UI workflow" in done.stderr
+
+
+def test_frontend_loads_every_ui_workflow_and_shows_text_as_text(server, tmp_path):
+    """The real ComfyUI frontend (headless Chromium) knows every node of every UI workflow, builds
+    exactly the API twin from it, and shows model text in a textarea, never as HTML."""
+    out = tmp_path / "frontend.json"
+    script = REPO / "tests" / "frontend" / "check_workflows.mjs"
+    done = subprocess.run(["node", str(script), server.url, str(out), *map(str, UI_WORKFLOWS)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    strip = lambda wf: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in wf.items()}  # noqa: E731
+    for path in UI_WORKFLOWS:
+        entry = report["workflows"][str(path)]
+        assert entry["missing"] == [], f"{path.name}: unknown node types {entry['missing']}"
+        twin = json.loads((WORKFLOWS / "api" / path.name).read_text())
+        assert strip(entry["output"]) == strip(twin), path.name
+    shown = report["text_display"]
+    assert shown["tag"] == "TEXTAREA"
+    assert shown["value"] == report["hostile"]
+    assert not shown["injected"] and not shown["pwned"]
+    assert shown["serialized"] is False

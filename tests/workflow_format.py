@@ -1,0 +1,141 @@
+"""UI-format (LiteGraph) <-> API-format workflow conversion, driven by the server's /object_info.
+
+The UI workflows in workflows/ are what users drag into ComfyUI; their API twins in workflows/api/ are
+what scripts queue. Tests convert each UI workflow to API format the way the frontend maps widgets
+(positional widgets_values, an extra value after inputs with control_after_generate, links win over
+widget values) and require it to equal the shipped twin, so the two can never drift apart.
+`api_to_ui` wrote the first versions of the UI files.
+"""
+from __future__ import annotations
+
+import uuid
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _ordered_inputs(info: dict):
+    """(name, spec, optional) in the node's declared order."""
+    order = info.get("input_order") or {k: list(v) for k, v in info["input"].items()}
+    for section in ("required", "optional"):
+        for name in order.get(section, []):
+            yield name, info["input"][section][name], section == "optional"
+
+
+def _is_widget(spec) -> bool:
+    kind = spec[0]
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if opts.get("forceInput"):
+        return False
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def _type_name(spec) -> str:
+    return "COMBO" if isinstance(spec[0], list) else spec[0]
+
+
+def _extra_widget_values(spec) -> int:
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return 1 if opts.get("control_after_generate") else 0
+
+
+def _upload_extra(spec) -> int:
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return 1 if opts.get("image_upload") else 0
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        if node.get("mode", 0) != 0:
+            continue  # muted / bypassed nodes are not sent
+        info = object_info[node["type"]]
+        linked = {inp["name"]: inp["link"] for inp in node.get("inputs", []) if inp.get("link") is not None}
+        values = list(node.get("widgets_values") or [])
+        inputs, cursor = {}, 0
+        for name, spec, _optional in _ordered_inputs(info):
+            if _is_widget(spec):
+                if cursor < len(values):
+                    inputs[name] = values[cursor]
+                cursor += 1 + _extra_widget_values(spec) + _upload_extra(spec)
+            if name in linked:
+                link = links[linked[name]]
+                inputs[name] = [str(link[1]), link[2]]
+        entry = {"inputs": inputs, "class_type": node["type"]}
+        if node.get("title"):
+            entry["_meta"] = {"title": node["title"]}
+        api[str(node["id"])] = entry
+    return api
+
+
+def api_to_ui(api: dict, object_info: dict, positions: dict | None = None) -> dict:
+    """A LiteGraph workflow with the same graph; nodes laid out left to right by dependency depth."""
+    depth = {}
+
+    def node_depth(nid):
+        if nid not in depth:
+            srcs = [v[0] for v in api[nid]["inputs"].values() if isinstance(v, list)]
+            depth[nid] = 1 + max((node_depth(s) for s in srcs), default=-1)
+        return depth[nid]
+
+    for nid in api:
+        node_depth(nid)
+    rows = {}
+    nodes, links = [], []
+    out_links = {}
+    link_id = 0
+    for nid in sorted(api, key=lambda n: (depth[n], int(n))):
+        node = api[nid]
+        info = object_info[node["class_type"]]
+        inputs, widgets = [], []
+        for name, spec, optional in _ordered_inputs(info):
+            value = node["inputs"].get(name)
+            is_link = isinstance(value, list)
+            if _is_widget(spec):
+                default = spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
+                if default is None and isinstance(spec[0], list) and spec[0]:
+                    default = spec[0][0]
+                widgets.append(default if is_link or value is None else value)
+                if _extra_widget_values(spec):
+                    widgets.append("fixed")
+                if _upload_extra(spec):
+                    widgets.append("image")
+                if is_link:
+                    link_id += 1
+                    inputs.append({"name": name, "type": _type_name(spec), "widget": {"name": name},
+                                   "link": link_id})
+                    links.append([link_id, int(value[0]), value[1], int(nid), len(inputs) - 1, _type_name(spec)])
+                    out_links.setdefault((value[0], value[1]), []).append(link_id)
+            else:
+                entry = {"name": name, "type": spec[0], "link": None}
+                if optional:
+                    entry["shape"] = 7
+                if is_link:
+                    link_id += 1
+                    entry["link"] = link_id
+                    links.append([link_id, int(value[0]), value[1], int(nid), len(inputs), spec[0]])
+                    out_links.setdefault((value[0], value[1]), []).append(link_id)
+                inputs.append(entry)
+        column = depth[nid]
+        row = rows.get(column, 0)
+        rows[column] = row + 1
+        pos = (positions or {}).get(nid, [60 + column * 420, 60 + row * 360])
+        ui_node = {"id": int(nid), "type": node["class_type"], "pos": pos, "size": [380, 300], "flags": {},
+                   "order": 0, "mode": 0, "inputs": inputs, "outputs": [],
+                   "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets}
+        if node.get("_meta", {}).get("title"):
+            ui_node["title"] = node["_meta"]["title"]
+        nodes.append(ui_node)
+    for order, ui_node in enumerate(sorted(nodes, key=lambda n: depth[str(n["id"])])):
+        ui_node["order"] = order
+        info = object_info[ui_node["type"]]
+        names = info.get("output_name") or info["output"]
+        for slot, (kind, name) in enumerate(zip(info["output"], names)):
+            ui_node["outputs"].append({"name": name, "type": kind,
+                                       "links": out_links.get((str(ui_node["id"]), slot), []),
+                                       "slot_index": slot})
+    # links refer to the target's position in its inputs list, fix after all inputs are known
+    return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, repr(sorted(api)))), "revision": 0,
+            "last_node_id": max(int(n) for n in api), "last_link_id": link_id, "nodes": nodes,
+            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+            "version": 0.4}
