@@ -55,6 +55,7 @@ def import_pack_inprocess():
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACK_MODULE] = module
     spec.loader.exec_module(module)
+    importlib.import_module(PACK_MODULE + ".nodes")  # what the host's comfy_entrypoint() call imports
     return module
 
 

@@ -1,0 +1,525 @@
+"""LLMGA SD folders → the host's MODEL, CLIP and VAE (llmga_core.checkpoints + nodes/checkpoints.py).
+
+References are independent of the code under test: diffusers' UNet2DConditionModel and AutoencoderKL
+and transformers' CLIP text models loaded from the same folders, and the host's own detection table
+for the full-size configs.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmga_core.checkpoints import (SDFolderError, clip_keys_with_text_model_prefix, inspect_sd_folder,
+                                    ldm_unet_config, load_state_dict)
+from tests.fixtures.tiny_sd import RELEASED_NAMES, make_sd_folder
+
+KINDS = ["sd15", "sd15-inpaint", "sdxl", "sdxl-inpaint"]
+UNET_TOL = 1e-4
+CLIP_TOL = 1e-5
+VAE_TOL = 1e-4
+
+# unet/config.json of the bases LLMGA fine-tuned (runwayml/stable-diffusion-v1-5,
+# stabilityai/stable-diffusion-xl-base-1.0); the inpainting bases differ only in in_channels 9.
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280], "center_input_sample": False, "class_embed_type": None,
+    "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 2048,
+    "cross_attention_norm": None, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05, "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None,
+    "only_cross_attention": False, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "resnet_time_scale_shift": "default",
+    "sample_size": 128, "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+    "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """The four tiny released folders, built once for the module."""
+    root = tmp_path_factory.mktemp("diffusers")
+    return {kind: make_sd_folder(root, kind) for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def ckpt(llmga_pack):
+    """nodes/checkpoints.py imported inside the pack, as the host imports it."""
+    return importlib.import_module(f"{llmga_pack.__name__}.nodes.checkpoints")
+
+
+@pytest.fixture(scope="module")
+def loaded(folders, ckpt):
+    """MODEL/CLIP/VAE per kind; text encoders and VAE in float32 for parity with the references."""
+    return {kind: ckpt.load_sd_folder(folders[kind], clip_dtype=torch.float32, vae_dtype=torch.float32)
+            for kind in KINDS}
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / folder.name))
+
+
+def _message(exc_info) -> str:
+    return str(exc_info.value)
+
+
+# --------------------------------------------------------------------------- folder inspection
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inspect_released_layout(folders, kind):
+    folder = folders[kind]
+    info = inspect_sd_folder(folder)
+    assert folder.name == RELEASED_NAMES[kind]
+    assert info.kind == kind
+    assert info.pipeline == kind.split("-")[0]
+    assert info.inpaint == kind.endswith("inpaint")
+    assert info.unet_config == json.loads((folder / "unet/config.json").read_text())
+    assert info.unet_files == (folder / "unet/diffusion_pytorch_model.safetensors",)
+    assert info.vae_files == (folder / "vae/diffusion_pytorch_model.safetensors",)
+    assert info.text_encoder_files == (folder / "text_encoder/model.safetensors",)
+    assert info.text_encoder_config["hidden_size"] == 32
+    if info.pipeline == "sdxl":
+        assert info.text_encoder_2_files == (folder / "text_encoder_2/model.safetensors",)
+        assert info.text_encoder_2_config["projection_dim"] == 32
+    else:
+        assert info.text_encoder_2_files == () and info.text_encoder_2_config is None
+    assert info.ldm_config["in_channels"] == (9 if info.inpaint else 4)
+
+
+@pytest.mark.parametrize("base", ["sd15", "sdxl"])
+@pytest.mark.parametrize("in_channels", [4, 9])
+def test_ldm_config_of_released_bases_equals_host_detection(comfy_inprocess, base, in_channels):
+    """For the full-size SD1.5/SDXL UNets (meta tensors) the host's own detection table agrees."""
+    import comfy.model_detection
+    from diffusers import UNet2DConditionModel
+
+    config = dict(SD15_UNET if base == "sd15" else SDXL_UNET, in_channels=in_channels)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    shapes = unet.state_dict()
+    host = comfy.model_detection.unet_config_from_diffusers_unet(shapes)
+    host_class = type(comfy.model_detection.model_config_from_diffusers_unet(shapes)).__name__
+    mine = ldm_unet_config(config)
+    assert host_class == {"sd15": "SD15", "sdxl": "SDXL"}[base]
+    assert {k: mine[k] for k in host if k != "dtype"} == {k: v for k, v in host.items() if k != "dtype"}
+    # the head rule the host adds for each class (SD15: 8 heads; SDXL: 64-wide heads)
+    if base == "sd15":
+        assert (mine["num_heads"], mine["num_head_channels"]) == (8, -1)
+    else:
+        assert (mine["num_heads"], mine["num_head_channels"]) == (-1, 64)
+
+
+# --------------------------------------------------------------------------- UNet parity
+
+def _unet_inputs(kind, cross_attention_dim, in_channels):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, in_channels, 16, 16, generator=g)
+    timesteps = torch.tensor([999.0, 321.0])
+    context = torch.randn(2, 77, cross_attention_dim, generator=g)
+    pooled = torch.randn(2, 32, generator=g) if kind.startswith("sdxl") else None
+    return x, timesteps, context, pooled
+
+
+def _host_unet(model, x, timesteps, context, pooled):
+    extra = {}
+    if pooled is not None:
+        extra["y"] = model.model.encode_adm(pooled_output=pooled, width=128, height=96, crop_w=8, crop_h=4,
+                                            target_width=120, target_height=88)
+    with torch.no_grad():
+        return model.model.diffusion_model(x, timesteps, context=context, **extra)
+
+
+def _diffusers_unet(unet_dir, x, timesteps, context, pooled):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32).eval()
+    extra = {}
+    if pooled is not None:
+        # diffusers' SDXL time ids: original (h, w), crop (top, left), target (h, w)
+        time_ids = torch.tensor([[96.0, 128.0, 4.0, 8.0, 88.0, 120.0]]).repeat(x.shape[0], 1)
+        extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+    with torch.no_grad():
+        return unet(x, timesteps, encoder_hidden_states=context, **extra).sample
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unet_matches_diffusers(folders, loaded, kind):
+    model = loaded[kind][0]
+    config = json.loads((folders[kind] / "unet/config.json").read_text())
+    inputs = _unet_inputs(kind, config["cross_attention_dim"], config["in_channels"])
+    ours = _host_unet(model, *inputs)
+    ref = _diffusers_unet(folders[kind] / "unet", *inputs)
+    assert ours.shape == ref.shape == (2, 4, 16, 16)
+    assert ref.abs().max() > 0.1
+    assert (ours - ref).abs().max().item() < UNET_TOL
+    assert type(model.model).__name__ == ("SDXL" if kind.startswith("sdxl") else "BaseModel")
+    assert model.model.concat_keys == (("mask", "masked_image") if kind.endswith("inpaint") else ())
+
+
+def test_unet_uses_host_devices_and_dtype(loaded):
+    import comfy.model_management as mm
+
+    model = loaded["sdxl"][0]
+    assert model.load_device == mm.get_torch_device()
+    assert model.offload_device == mm.unet_offload_device()
+    params = sum(p.numel() for p in model.model.diffusion_model.parameters())
+    assert model.model.diffusion_model.dtype == mm.unet_dtype(model_params=params,
+                                                              weight_dtype=torch.float32)
+    assert model.model.latent_format.scale_factor == pytest.approx(0.13025)
+    assert loaded["sd15"][0].model.latent_format.scale_factor == pytest.approx(0.18215)
+
+
+# --------------------------------------------------------------------------- CLIP and VAE parity
+
+def _host_ids(rows):
+    return [[token for token, *_ in row] for row in rows]
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_clip_matches_transformers(folders, loaded, kind):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder, clip = folders[kind], loaded[kind][1]
+    prompt = "a watercolor painting of a lighthouse at dusk"
+    tokens = clip.tokenize(prompt)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+
+    tok_l = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    ids_l = tok_l(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert _host_ids(tokens["l"]) == ids_l.tolist()
+    enc_l = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        out_l = enc_l(ids_l, output_hidden_states=True)
+    if kind == "sd15":
+        # SD1: last layer after the final layer norm; pooled = EOS state, unprojected
+        assert (cond - out_l.last_hidden_state).abs().max().item() < CLIP_TOL
+        assert (pooled - out_l.pooler_output).abs().max().item() < CLIP_TOL
+        return
+    tok_g = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
+    ids_g = tok_g(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert _host_ids(tokens["g"]) == ids_g.tolist()
+    enc_g = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        out_g = enc_g(ids_g, output_hidden_states=True)
+    # SDXL: penultimate layers of both encoders side by side; pooled = projected CLIP-G EOS state
+    ref = torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1)
+    assert cond.shape == (1, 77, 64)
+    assert (cond - ref).abs().max().item() < CLIP_TOL
+    assert (pooled - out_g.text_embeds).abs().max().item() < CLIP_TOL
+
+
+def test_clip_default_dtype_is_the_hosts(folders, ckpt):
+    import comfy.model_management as mm
+
+    clip = ckpt.load_clip(inspect_sd_folder(folders["sd15"]))
+    weight = clip.cond_stage_model.clip_l.transformer.text_model.final_layer_norm.weight
+    assert weight.dtype == mm.text_encoder_dtype(clip.patcher.load_device)
+    cond = clip.encode_from_tokens(clip.tokenize("a cat"))
+    assert cond.shape == (1, 77, 32) and torch.isfinite(cond).all()
+
+
+def test_clip_loads_transformers5_key_layout(folders, ckpt, tmp_path):
+    """Files saved by transformers 5 lack the `text_model.` prefix; they load the same."""
+    from safetensors.torch import save_file
+
+    folder = _copy(folders["sd15"], tmp_path)
+    path = folder / "text_encoder/model.safetensors"
+    state = load_file(path)
+    save_file({k.removeprefix("text_model."): v for k, v in state.items()}, path, metadata={"format": "pt"})
+    assert not any(k.startswith("text_model.") for k in load_file(path))
+    clip = ckpt.load_clip(inspect_sd_folder(folder), dtype=torch.float32)
+    tokens = clip.tokenize("a cat")
+    ref = ckpt.load_clip(inspect_sd_folder(folders["sd15"]), dtype=torch.float32)
+    assert torch.equal(clip.encode_from_tokens(tokens), ref.encode_from_tokens(tokens))
+    assert clip_keys_with_text_model_prefix({"encoder.x": 1, "text_projection.weight": 2,
+                                             "text_model.embeddings.position_ids": 3}) == \
+        {"text_model.encoder.x": 1, "text_projection.weight": 2}
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_vae_matches_diffusers(folders, loaded, kind):
+    from diffusers import AutoencoderKL
+
+    vae = loaded[kind][2]
+    ref = AutoencoderKL.from_pretrained(folders[kind] / "vae", torch_dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(3)
+    latent = torch.randn(1, 4, 8, 8, generator=g)
+    pixels = torch.rand(1, 64, 64, 3, generator=g)
+    with torch.no_grad():
+        ref_raw = ref.decode(latent).sample
+        ref_latent = ref.encode(pixels.movedim(-1, 1) * 2 - 1).latent_dist.mode()
+        raw = vae.first_stage_model.decode(latent)
+    assert (raw - ref_raw).abs().max().item() < VAE_TOL
+    decoded = vae.decode(latent)
+    assert decoded.shape == (1, 64, 64, 3)
+    assert (decoded - (ref_raw.movedim(1, -1) + 1).div(2).clamp(0, 1)).abs().max().item() < VAE_TOL
+    assert (vae.encode(pixels) - ref_latent).abs().max().item() < VAE_TOL
+
+
+# --------------------------------------------------------------------------- weight files
+
+def test_fp16_variant_is_preferred(tmp_path, ckpt):
+    folder = make_sd_folder(tmp_path, "sdxl", fp16_variant=True)
+    info = inspect_sd_folder(folder)
+    assert info.unet_files == (folder / "unet/diffusion_pytorch_model.fp16.safetensors",)
+    assert info.vae_files == (folder / "vae/diffusion_pytorch_model.fp16.safetensors",)
+    assert info.text_encoder_files == (folder / "text_encoder/model.fp16.safetensors",)
+    assert info.text_encoder_2_files == (folder / "text_encoder_2/model.fp16.safetensors",)
+    fp16 = load_file(folder / "unet/diffusion_pytorch_model.fp16.safetensors")["conv_in.weight"]
+    fp32 = load_file(folder / "unet/diffusion_pytorch_model.safetensors")["conv_in.weight"]
+    assert fp16.dtype == torch.float16 and not torch.equal(fp16.float(), fp32)
+    model = ckpt.load_unet(info)
+    loaded_weight = model.model.diffusion_model.input_blocks[0][0].weight
+    assert torch.equal(loaded_weight.float(), fp16.float())
+
+
+def test_sharded_safetensors_load(folders, tmp_path, ckpt, loaded):
+    folder = make_sd_folder(tmp_path, "sdxl-inpaint", sharded=True)
+    info = inspect_sd_folder(folder)
+    index = json.loads((folder / "unet/diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(info.unet_files) > 1
+    assert set(info.unet_files) == {folder / "unet" / name for name in index["weight_map"].values()}
+    assert len(info.text_encoder_2_files) > 1
+    model, clip, vae = ckpt.load_sd_folder(folder, clip_dtype=torch.float32, vae_dtype=torch.float32)
+    # same seed, same weights as the single-file folder
+    ref_model, ref_clip, _ = loaded["sdxl-inpaint"]
+    inputs = _unet_inputs("sdxl-inpaint", 64, 9)
+    assert torch.equal(_host_unet(model, *inputs), _host_unet(ref_model, *inputs))
+    tokens = clip.tokenize("a cat")
+    assert torch.equal(clip.encode_from_tokens(tokens), ref_clip.encode_from_tokens(tokens))
+    assert vae is not None
+
+
+def test_bin_weights_load_with_weights_only(folders, tmp_path, ckpt):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = _copy(folders["sd15"], tmp_path)
+    for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        model = cls.from_pretrained(folder / sub)
+        (folder / sub / "diffusion_pytorch_model.safetensors").unlink()
+        model.save_pretrained(folder / sub, safe_serialization=False)
+    # transformers 5 writes safetensors only; transformers 4 wrote this pickle of the state dict
+    text_encoder = folder / "text_encoder"
+    torch.save(load_file(text_encoder / "model.safetensors"), text_encoder / "pytorch_model.bin")
+    (text_encoder / "model.safetensors").unlink()
+    info = inspect_sd_folder(folder)
+    assert info.unet_files == (folder / "unet/diffusion_pytorch_model.bin",)
+    assert info.text_encoder_files == (folder / "text_encoder/pytorch_model.bin",)
+    model, clip, vae = ckpt.load_sd_folder(folder)
+    inputs = _unet_inputs("sd15", 32, 4)
+    assert (_host_unet(model, *inputs) - _diffusers_unet(folders["sd15"] / "unet", *inputs)).abs().max() < UNET_TOL
+
+    # a pickle that needs more than tensors is refused, not executed
+    evil = folder / "unet/diffusion_pytorch_model.bin"
+    torch.save({"conv_in.weight": torch.zeros(1), "hook": _Unpicklable()}, evil)
+    with pytest.raises(SDFolderError) as e:
+        load_state_dict(info.unet_files)
+    assert _message(e) == (f"{evil} holds pickled objects other than tensors, which are not loaded for safety; "
+                           f"use the folder's .safetensors files instead.")
+
+
+class _Unpicklable:
+    """Any class outside torch's weights_only allow-list."""
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_not_a_folder(tmp_path):
+    for path in (tmp_path / "missing", tmp_path / "file.txt"):
+        if path.name == "file.txt":
+            path.write_text("x")
+        with pytest.raises(SDFolderError) as e:
+            inspect_sd_folder(path)
+        assert _message(e) == (f"{path} is not a folder; give the path of an LLMGA SD pipeline folder such as "
+                               f"models/diffusers/llmga-sd15-t2i-v2.")
+
+
+def test_no_unet_folder(folders, tmp_path):
+    folder = _copy(folders["sd15"], tmp_path)
+    shutil.rmtree(folder / "unet")
+    with pytest.raises(SDFolderError) as e:
+        inspect_sd_folder(folder)
+    assert _message(e) == (f"{folder} has no unet/ folder; LLMGA SD folders are diffusers pipelines with unet/, "
+                           f"vae/, text_encoder/ and model_index.json (for example llmga-sd15-t2i-v2), so point this "
+                           f"at the whole downloaded folder.")
+
+
+def test_unet_without_weights(folders, tmp_path):
+    folder = _copy(folders["sd15"], tmp_path)
+    (folder / "unet/diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(SDFolderError) as e:
+        inspect_sd_folder(folder)
+    assert _message(e) == (f"{folder / 'unet'} holds no weights (diffusion_pytorch_model.safetensors, "
+                           f"diffusion_pytorch_model.fp16.safetensors, a sharded "
+                           f"diffusion_pytorch_model.safetensors.index.json or .bin); download that folder again.")
+
+
+def test_missing_shard(tmp_path):
+    folder = make_sd_folder(tmp_path, "sd15", sharded=True)
+    shard = sorted((folder / "unet").glob("diffusion_pytorch_model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(SDFolderError) as e:
+        inspect_sd_folder(folder)
+    index = folder / "unet/diffusion_pytorch_model.safetensors.index.json"
+    assert _message(e) == f"Shard {shard.name} listed in {index} is missing; download it again."
+
+
+def test_corrupt_safetensors(folders, tmp_path):
+    folder = _copy(folders["sdxl"], tmp_path)
+    path = folder / "text_encoder_2/model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SDFolderError) as e:
+        inspect_sd_folder(folder)
+    assert _message(e) == (f"{path} is corrupt or incomplete (not a readable safetensors file); "
+                           f"download it again.")
+
+
+def test_corrupt_bin(folders, tmp_path):
+    folder = _copy(folders["sd15"], tmp_path)
+    (folder / "vae/diffusion_pytorch_model.safetensors").unlink()
+    path = folder / "vae/diffusion_pytorch_model.bin"
+    torch.save(load_file(folders["sd15"] / "vae/diffusion_pytorch_model.safetensors"), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 4096])
+    with pytest.raises(SDFolderError) as e:
+        inspect_sd_folder(folder)
+    assert _message(e) == f"{path} is corrupt or incomplete (not a readable PyTorch file); download it again."
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"in_channels": 8}, "8 input channels; 4 (text-to-image) or 9 (inpainting) expected"),
+    ({"use_linear_projection": True, "cross_attention_dim": 1024},
+     "linear attention projections without SDXL's text_time embedding, as in SD2"),
+    ({"time_cond_proj_dim": 256}, "time_cond_proj_dim 256"),
+])
+def test_unknown_unet(folders, tmp_path, change, reason):
+    folder = _copy(folders["sd15"], tmp_path)
+    config_path = folder / "unet/config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
+    with pytest.raises(SDFolderError) as e:
+        inspect_sd_folder(folder)
+    assert _message(e) == (f"{folder / 'unet'} is not an SD1.5 or SDXL UNet ({reason}); LLMGA's checkpoints are "
+                           f"SD1.5 or SDXL UNets with 4 or 9 input channels.")
+    with pytest.raises(SDFolderError) as e:
+        ldm_unet_config(json.loads(config_path.read_text()))
+    assert _message(e) == (f"This UNet is not an SD1.5 or SDXL UNet ({reason}); LLMGA's checkpoints are "
+                           f"SD1.5 or SDXL UNets with 4 or 9 input channels.")
+
+
+def test_weights_that_do_not_fit_the_config(folders, tmp_path):
+    folder = _copy(folders["sd15-inpaint"], tmp_path)
+    config_path = folder / "unet/config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "in_channels": 4}))
+    with pytest.raises(SDFolderError) as e:
+        inspect_sd_folder(folder)
+    assert _message(e) == (f"{folder / 'unet'} weights do not match its config.json (conv_in is [32, 9, 3, 3], "
+                           f"the config says 32 channels from 4 inputs); download it again.")
+
+
+def test_sdxl_without_second_text_encoder(folders, tmp_path):
+    folder = _copy(folders["sdxl"], tmp_path)
+    shutil.rmtree(folder / "text_encoder_2")
+    with pytest.raises(SDFolderError) as e:
+        inspect_sd_folder(folder)
+    assert _message(e) == (f"{folder} is an SDXL pipeline without text_encoder_2/; SDXL needs both CLIP text "
+                           f"encoders, so download the whole folder.")
+
+
+def test_unet_only_folder_gives_no_clip_or_vae(folders, tmp_path, ckpt):
+    """Like the host's checkpoint loaders: absent parts come back as None (downstream nodes say so)."""
+    folder = _copy(folders["sd15"], tmp_path)
+    shutil.rmtree(folder / "vae")
+    shutil.rmtree(folder / "text_encoder")
+    model, clip, vae = ckpt.load_sd_folder(folder)
+    assert clip is None and vae is None
+    assert model.model.diffusion_model.input_blocks[0][0].weight.shape == (32, 4, 3, 3)
+
+
+# --------------------------------------------------------------------------- the node
+
+@pytest.fixture
+def diffusers_root(folders, monkeypatch, comfy_inprocess):
+    """models/diffusers pointing at the module's tiny folders (restored afterwards)."""
+    folder_paths = comfy_inprocess
+    root = next(iter(folders.values())).parent
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(root)], {"folder"}))
+    return root
+
+
+def test_node_schema_lists_folders(ckpt, diffusers_root):
+    assert [node.GET_SCHEMA().node_id for node in ckpt.NODES] == ["LLMGACheckpointLoader"]
+    schema = ckpt.LLMGACheckpointLoader.GET_SCHEMA()
+    assert schema.category == "LLMGA/loaders"
+    assert [i.id for i in schema.inputs] == ["model_name"]
+    assert schema.inputs[0].options == sorted(RELEASED_NAMES.values())
+    assert [o.io_type for o in schema.outputs] == ["MODEL", "CLIP", "VAE"]
+
+
+def test_node_loads_by_name_and_refuses_escapes(ckpt, diffusers_root):
+    out = ckpt.LLMGACheckpointLoader.execute(model_name="llmga-sd15-inpainting-v2")
+    model, clip, vae = out.result
+    assert model.model.concat_keys == ("mask", "masked_image")
+    assert clip.tokenize("a cat")["l"][0][0][0] == 49406
+    assert vae.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 64, 64, 3)
+    for name in ("../llmga-sd15-t2i-v2", "llmga-sd15-t2i-v2/../../etc"):
+        with pytest.raises(ValueError) as e:
+            ckpt.LLMGACheckpointLoader.execute(model_name=name)
+        assert "no '..'" in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["sd15-inpaint", "sdxl-inpaint"])
+def test_inpaint_model_takes_host_inpaint_conditioning(loaded, kind):
+    import nodes as host_nodes  # the host's nodes.py (its folder comes first on sys.path)
+
+    from tests.host import comfyui_dir
+
+    assert Path(host_nodes.__file__).parent == comfyui_dir()
+
+    model, clip, vae = loaded[kind]
+    positive = host_nodes.CLIPTextEncode().encode(clip, "a red barn in a field")[0]
+    negative = host_nodes.CLIPTextEncode().encode(clip, "")[0]
+    g = torch.Generator().manual_seed(5)
+    pixels = torch.rand(1, 64, 64, 3, generator=g)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 8:40] = 1.0
+    pos, neg, latent = host_nodes.InpaintModelConditioning().encode(positive, negative, pixels, vae, mask,
+                                                                    noise_mask=False)
+    seen = []
+
+    def record(apply_model, args):
+        seen.append((args["input"].shape, args["c"]["c_concat"].clone()))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    patched = model.clone()
+    patched.set_model_unet_function_wrapper(record)
+    samples = host_nodes.common_ksampler(patched, 1, 1, 3.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+    assert samples.shape == (1, 4, 8, 8) and torch.isfinite(samples).all()
+    # the UNet saw [latent | mask | masked-image latent]: 4 + 1 + 4 channels
+    (shape, concat), = seen
+    assert shape[1] == 4 and concat.shape[1] == 5
+    latent_mask = torch.nn.functional.interpolate(mask[:, None], size=(8, 8), mode="bilinear").round()
+    assert torch.equal(concat[:1, :1], latent_mask)
+    masked_pixels = (pixels - 0.5) * (1 - mask.round())[..., None] + 0.5
+    masked_latent = model.model.process_latent_in(vae.encode(masked_pixels))
+    assert (concat[:1, 1:] - masked_latent).abs().max().item() < 1e-5
