@@ -111,7 +111,7 @@ class LLMGAPromptGenerator(io.ComfyNode):
                                tooltip="chat sends the instruction as it is; the other tasks phrase it as LLMGA was "
                                        "trained (text-to-image: your keywords; similar-image/inpainting/outpainting "
                                        "need an image, the last two a mask; an empty instruction uses LLMGA's phrase)."),
-                io.String.Input("instruction", multiline=True, default="",
+                io.String.Input("instruction", multiline=True, default="", dynamic_prompts=False,
                                 tooltip="Keywords or a request, e.g. 'a cat on a windowsill at dusk'."),
                 io.Image.Input("image", optional=True, tooltip="The image the assistant looks at (first of a batch)."),
                 io.Mask.Input("mask", optional=True,

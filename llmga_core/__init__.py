@@ -1,0 +1,1 @@
+"""LLMGA for ComfyUI: the host-free library (torch, transformers, diffusers; never imports ComfyUI)."""
