@@ -1,0 +1,153 @@
+"""LLMGA long-prompt CLIP encoding as a ComfyUI node (LLMGALongCLIPTextEncode).
+
+The algorithm is llmga_core.long_prompt (a port of LLMGA's lpw / SDXL long-prompt encoders); this
+node only supplies its backend: the host's CLIP object. It hands the host ready-made token rows
+with every weight 1.0, so the host adds no emphasis of its own and never reads brackets as
+ComfyUI weights, while its clip-skip (CLIPSetLastLayer), LoRA patches and hooks still apply.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+import comfy.sd1_clip
+import comfy.sdxl_clip
+from comfy_api.latest import io
+
+from ..llmga_core.long_prompt import (CHUNK_LENGTH, PIPELINES, PromptTruncatedWarning, TokenizerSpec,
+                                      encode_with_backend, recipe_for)
+
+log = logging.getLogger("llmga")
+
+PIPELINE_CHOICES = ["auto", *PIPELINES]
+
+
+def clip_family(clip) -> str | None:
+    """"sdxl" for an SDXL CLIP (CLIP-L + CLIP-G), "sd15" for an SD1.x CLIP-L, else None."""
+    model, tokenizer = clip.cond_stage_model, clip.tokenizer
+    if isinstance(model, comfy.sdxl_clip.SDXLClipModel) and isinstance(tokenizer, comfy.sdxl_clip.SDXLTokenizer):
+        return "sdxl"
+    if (isinstance(model, comfy.sd1_clip.SD1ClipModel) and getattr(model, "clip", None) == "clip_l"
+            and isinstance(getattr(tokenizer, "clip_l", None), comfy.sd1_clip.SDTokenizer)):
+        return "sd15"
+    return None
+
+
+def resolve_pipeline(clip, pipeline: str) -> str:
+    """The LLMGA pipeline to encode for; refuses a CLIP that does not fit it, in one sentence."""
+    if pipeline not in PIPELINE_CHOICES:
+        raise ValueError(f"Unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINE_CHOICES)}.")
+    family = clip_family(clip)
+    if family is None:
+        raise ValueError(f"LLMGA long-prompt encoding needs an SD1.5 CLIP (CLIP-L) or an SDXL CLIP "
+                         f"(CLIP-L + CLIP-G), but the connected CLIP is {type(clip.cond_stage_model).__name__}; "
+                         f"load the CLIP of an LLMGA SD1.5 or SDXL checkpoint.")
+    if pipeline == "auto":
+        return family
+    wanted = "sdxl" if pipeline.startswith("sdxl") else "sd15"
+    if wanted != family:
+        have = "an SDXL CLIP" if family == "sdxl" else "an SD1.5 CLIP"
+        need = "an SDXL CLIP (CLIP-L + CLIP-G)" if wanted == "sdxl" else "an SD1.5 CLIP (CLIP-L)"
+        raise ValueError(f"Pipeline {pipeline!r} needs {need}, but the connected CLIP is {have}; "
+                         f"choose 'auto' or a pipeline of the CLIP's family.")
+    return pipeline
+
+
+def host_tokenizer_specs(clip, encoders) -> dict[str, TokenizerSpec]:
+    """The host's own CLIP tokenizers (transformers CLIPTokenizer) with the host's BOS/EOS/pad ids,
+    which are LLMGA's: pad 49407 for CLIP-L, 0 for CLIP-G."""
+    specs = {}
+    for key in encoders:
+        host_tokenizer = getattr(clip.tokenizer, f"clip_{key}")
+        if host_tokenizer.max_length != CHUNK_LENGTH:
+            raise ValueError(f"This CLIP reads {host_tokenizer.max_length}-token windows; LLMGA's encoding "
+                             f"needs a standard {CHUNK_LENGTH}-token CLIP.")
+        specs[key] = TokenizerSpec(host_tokenizer.tokenizer, host_tokenizer.start_token,
+                                   host_tokenizer.end_token, host_tokenizer.pad_token)
+    return specs
+
+
+def host_chunk_encoder(clip, recipe):
+    """ChunkEncoder on the host CLIP: one encode_from_tokens call per prompt.
+
+    The host encodes every 77-token row on its own and joins them along the sequence, and pools the
+    FIRST row; LLMGA pools the LAST chunk, so the last chunk is sent first and moved back after.
+    """
+    def encode_chunks(chunks: dict[str, list[list[int]]]):
+        n = len(chunks[recipe.encoders[0]])
+        order = [n - 1, *range(n - 1)]
+        tokens = {key: [[(int(t), 1.0) for t in chunks[key][i]] for i in order] for key in recipe.encoders}
+        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+        hidden = cond.reshape(n, CHUNK_LENGTH, cond.shape[-1])
+        hidden = torch.cat([hidden[1:], hidden[:1]], dim=0)
+        return hidden, pooled
+
+    return encode_chunks
+
+
+class LLMGALongCLIPTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LLMGALongCLIPTextEncode",
+            display_name="LLMGA Long-Prompt CLIP Text Encode",
+            category="LLMGA/conditioning",
+            description="Encodes a long prompt (such as an LLMGA MLLM caption) the way LLMGA's SD1.5 and SDXL "
+                        "pipelines do: up to 225/300 tokens in 75-token chunks, SD1.5 with A1111 (x:1.2) weights, "
+                        "SDXL with raw text, pooled output from the last chunk and an all-zero negative.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP of an SD1.5 or SDXL checkpoint (CLIPSetLastLayer and "
+                                              "CLIP LoRAs apply)."),
+                io.String.Input("text", multiline=True, dynamic_prompts=False,
+                                tooltip="The prompt. Long text is fine: LLMGA keeps 225 tokens (sd15) or 300 "
+                                        "(sd15-inpaint, SDXL) and warns in the log when it cuts."),
+                io.Combo.Input("pipeline", options=PIPELINE_CHOICES, default="auto",
+                               tooltip="Which LLMGA pipeline to match. auto: sdxl for an SDXL CLIP, else sd15 "
+                                       "(text-to-image, 225 tokens). sd15-inpaint keeps 300 tokens."),
+                io.String.Input("negative_text", display_name="negative", multiline=True, default="",
+                                dynamic_prompts=False, optional=True,
+                                tooltip="Negative prompt. Empty is LLMGA's default: for SD1.5 the empty prompt "
+                                        "padded to the positive's chunk count, for SDXL all zeros."),
+                io.Combo.Input("layout", options=["inference", "training"], default="inference", optional=True,
+                               tooltip="SD1.5 only. inference: what LLMGA's generation code gives (weights "
+                                       "parsed, 77 per chunk). training: how stage 2 encoded captions (raw "
+                                       "text, 300 tokens, 75 per chunk + 2). SDXL has a single layout."),
+            ],
+            outputs=[
+                io.Conditioning.Output("positive", display_name="positive"),
+                io.Conditioning.Output("negative", display_name="negative"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, text, pipeline="auto", negative_text="", layout="inference") -> io.NodeOutput:
+        if clip is None:
+            raise ValueError("The clip input is empty; connect the CLIP output of a checkpoint or CLIP loader.")
+        pipeline = resolve_pipeline(clip, pipeline)
+        recipe = recipe_for(pipeline, layout)
+        specs = host_tokenizer_specs(clip, recipe.encoders)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PromptTruncatedWarning)
+            embeds = encode_with_backend(text, negative_text, tokenizers=specs, recipe=recipe,
+                                         encode_chunks=host_chunk_encoder(clip, recipe))
+        for w in caught:
+            if issubclass(w.category, PromptTruncatedWarning):
+                log.warning("LLMGA long prompt: %s", w.message)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+        # Width/height stay unset: the sampler fills them from the latent size and SDXL's encode_adm
+        # then builds (H, W, 0, 0, H, W), which is LLMGA's add_time_ids.
+        def conditioning(cond, pooled):
+            extra = {} if pooled is None else {"pooled_output": pooled}
+            return [[cond, clip.add_hooks_to_dict(extra)]]
+
+        positive = conditioning(embeds["prompt_embeds"], embeds.get("pooled_prompt_embeds"))
+        negative = conditioning(embeds["negative_prompt_embeds"], embeds.get("negative_pooled_prompt_embeds"))
+        return io.NodeOutput(positive, negative)
+
+
+NODES = [LLMGALongCLIPTextEncode]

@@ -1,0 +1,440 @@
+"""llmga_core.long_prompt against the facts (reference/long_prompt_and_unet.md §1–§2).
+
+Token ids come from the real CLIP BPE vocabulary the host ships; embeddings from tiny seeded CLIP
+text models, compared with reference encoders written here the way LLMGA's code is structured
+(one flat 75·n+2 id row, windows cut out of it, one model call per window).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmga_core.long_prompt import (PromptTruncatedWarning, encode_prompt, parse_prompt_attention, plan_prompts,
+                                    recipe_for, tokenizer_spec)
+from tests.fixtures.tiny_clip import clip_g_tokenizer, clip_l_tokenizer, make_tiny_clip_text_models
+
+BOS, EOS = 49406, 49407
+CAT = 2368          # "cat</w>"
+WORDS = ["red", "fox", "snowy", "forest", "dawn", "light", "soft", "tall", "trees", "river", "stone", "cloud"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_clip_text_models(seed=1)
+
+
+@pytest.fixture(scope="module")
+def tok_l():
+    return clip_l_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tok_g():
+    return clip_g_tokenizer()
+
+
+def words(n: int) -> str:
+    return " ".join(WORDS[i % len(WORDS)] for i in range(n))
+
+
+def content_ids(tokenizer, text: str) -> list[int]:
+    """What LLMGA takes from the tokenizer: input_ids without BOS/EOS."""
+    return tokenizer(text).input_ids[1:-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference encoders (LLMGA's structure, written out)
+# ------------------------------------------------------------------------------------------------
+
+def final_norm(model):
+    return getattr(model, "text_model", model).final_layer_norm
+
+
+def lpw_reference(runs, negative_runs, tokenizer, model, multiples, layer=None):
+    """lpw_stable_diffusion's get_weighted_text_embeddings for explicit (text, weight) runs."""
+    cap = 75 * multiples
+
+    def tokenize(run_list):
+        ids, weights = [], []
+        for text, weight in run_list:
+            t = content_ids(tokenizer, text)
+            ids += t
+            weights += [weight] * len(t)
+        return ids[:cap], weights[:cap]
+
+    pos, neg = tokenize(runs), tokenize(negative_runs)
+    longest = max(len(pos[0]), len(neg[0]))
+    n = max(1, min(multiples, (longest - 1) // 75 + 1))
+
+    def embed(ids, weights):
+        flat = torch.tensor([[BOS] + ids + [EOS] * (75 * n - len(ids)) + [EOS]])
+        outs = []
+        for i in range(n):
+            window = flat[:, 75 * i: 75 * i + 77].clone()
+            window[:, 0], window[:, -1] = flat[0, 0], flat[0, -1]
+            with torch.no_grad():
+                if layer is None:
+                    outs.append(model(window).last_hidden_state)
+                else:
+                    outs.append(final_norm(model)(model(window, output_hidden_states=True).hidden_states[layer]))
+        emb = torch.cat(outs, dim=1)
+        w = torch.ones(77 * n)
+        for t, weight in enumerate(weights):
+            w[77 * (t // 75) + 1 + t % 75] = weight
+        before = emb.mean()
+        emb = emb * w[None, :, None]
+        return emb * (before / emb.mean())
+
+    return embed(*pos), embed(*neg), n
+
+
+def training_reference(text, tokenizer, model):
+    """get_text_index + get_unweighted_text_embeddings(no_boseos_middle=True) for one caption."""
+    ids = tokenizer(text, max_length=302, truncation=True).input_ids[1:-1]
+    n = max(1, min(4, (len(ids) - 1) // 75 + 1))
+    flat = torch.tensor([[BOS] + ids + [EOS] * (75 * n - len(ids)) + [EOS]])
+    if n == 1:
+        with torch.no_grad():
+            return model(flat).last_hidden_state
+    outs = []
+    for i in range(n):
+        window = flat[:, 75 * i: 75 * i + 77].clone()
+        window[:, 0], window[:, -1] = flat[0, 0], flat[0, -1]
+        with torch.no_grad():
+            out = model(window).last_hidden_state
+        outs.append(out[:, :-1] if i == 0 else out[:, 1:] if i == n - 1 else out[:, 1:-1])
+    return torch.cat(outs, dim=1)
+
+
+def sdxl_reference(text, tiny, layer=-2):
+    """pipeline_stable_diffusion_xl_lpw encode_prompt: both encoders, penultimate, 75·n+2, pooled rule."""
+    hidden_parts, pooled = [], None
+    for tokenizer, model in ((tiny.tokenizer, tiny.text_encoder), (tiny.tokenizer_2, tiny.text_encoder_2)):
+        ids = tokenizer(text, max_length=302, truncation=True).input_ids[1:-1]
+        n = max(1, min(4, (len(ids) - 1) // 75 + 1))
+        pad = tokenizer.pad_token_id
+        flat = torch.tensor([[BOS] + ids + [pad] * (75 * n - len(ids)) + [EOS]])
+        outs, first_max = [], None
+        for i in range(n):
+            window = flat[:, 75 * i: 75 * i + 77].clone() if n > 1 else flat
+            window[:, 0], window[:, -1] = flat[0, 0], flat[0, -1]
+            with torch.no_grad():
+                out = model(window, output_hidden_states=True)
+            h = out.hidden_states[layer]
+            if n > 1:
+                h = h[:, :-1] if i == 0 else h[:, 1:] if i == n - 1 else h[:, 1:-1]
+            outs.append(h)
+            if model is tiny.text_encoder_2:
+                # _SDXL2: keep the earlier pooled only where chunk 0's largest id beats this chunk's
+                now_max = window.max(dim=1, keepdim=True).values
+                if first_max is None:
+                    pooled, first_max = out.text_embeds, now_max
+                else:
+                    pooled = torch.where(first_max > now_max, pooled, out.text_embeds)
+        hidden_parts.append(torch.cat(outs, dim=1))
+    return torch.cat(hidden_parts, dim=-1), pooled
+
+
+# ------------------------------------------------------------------------------------------------
+# parse_prompt_attention (A1111 rules)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,expected", [
+    ("normal text", [["normal text", 1.0]]),
+    ("an (important) word", [["an ", 1.0], ["important", 1.1], [" word", 1.0]]),
+    ("(unbalanced", [["unbalanced", 1.1]]),
+    ("\\(literal\\]", [["(literal]", 1.0]]),
+    ("(unnecessary)(parens)", [["unnecessaryparens", 1.1]]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [["a ", 1.0], ["house", 1.3 * 1.1 * 1.1], [" ", 1.1], ["on", 1.0], [" a ", 1.1], ["hill", 0.55],
+      [", sun, ", 1.1], ["sky", 1.1 ** 4], [".", 1.1]]),
+    ("((x:1.5))", [["x", 1.65]]),
+    ("a [b] c", [["a ", 1.0], ["b", 1 / 1.1], [" c", 1.0]]),
+    ("[[b]]", [["b", 1 / 1.1 / 1.1]]),
+    ("(x:0.5) (y:2)", [["x", 0.5], [" ", 1.0], ["y", 2.0]]),
+    ("a \\\\ b", [["a \\ b", 1.0]]),
+    ("open ( end", [["open ", 1.0], [" end", 1.1]]),
+    ("a:1.3) b", [["a:1.3) b", 1.0]]),
+    ("A photo: a cat, ratio 16:9, 4k", [["A photo: a cat, ratio 16:9, 4k", 1.0]]),
+    ("(x:abc)", [["x:abc", 1.1]]),
+    ("", [["", 1.0]]),
+    # deliberate difference: the original raises ValueError on a factor that is not a number
+    ("(v:1.2.3) z", [["v:1.2.3", 1.1], [" z", 1.0]]),
+])
+def test_parse_prompt_attention(text, expected):
+    got = parse_prompt_attention(text)
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    assert [w for _, w in got] == pytest.approx([w for _, w in expected], rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Id layouts with the real vocabulary
+# ------------------------------------------------------------------------------------------------
+
+def plan(text, negative, pipeline, layout="inference"):
+    recipe = recipe_for(pipeline, layout)
+    specs = {"l": tokenizer_spec(clip_l_tokenizer())}
+    if recipe.is_sdxl:
+        specs["g"] = tokenizer_spec(clip_g_tokenizer())
+    return plan_prompts(text, negative, tokenizers=specs, recipe=recipe)
+
+
+def test_sd15_ids_are_tokenized_per_weighted_run(tok_l):
+    pos, neg = plan("a (red:1.5) cat, [blue] sky", None, "sd15")
+    runs = ["a ", "red", " cat, ", "blue", " sky"]
+    ids = [i for r in runs for i in content_ids(tok_l, r)]
+    assert ids == [320, 736, 2368, 267, 1746, 2390]
+    assert pos.chunks == {"l": [[BOS, *ids] + [EOS] * (76 - len(ids))]}
+    weights = [1.0, 1.0, 1.5, 1.0, 1.0, 1 / 1.1, 1.0] + [1.0] * 70
+    assert pos.weights == pytest.approx(weights, rel=1e-12)
+    assert neg.chunks == {"l": [[BOS] + [EOS] * 76]}
+    assert (pos.token_count, neg.token_count) == (6, 0)
+
+    # a run boundary inside a word splits it, as lpw's per-run tokenizer calls do
+    pos, _ = plan("(fire)fighter", None, "sd15")
+    split = content_ids(tok_l, "fire") + content_ids(tok_l, "fighter")
+    assert split != content_ids(tok_l, "firefighter")
+    assert pos.chunks["l"][0][1:1 + len(split) + 1] == split + [EOS]
+
+
+def test_sd15_two_chunks_and_negative_padded_to_same_count():
+    pos, neg = plan("cat " * 80, "", "sd15")
+    assert pos.chunks["l"] == [[BOS] + [CAT] * 75 + [EOS], [BOS] + [CAT] * 5 + [EOS] * 71]
+    assert neg.chunks["l"] == [[BOS] + [EOS] * 76] * 2
+    assert pos.weights == [1.0] * 154
+
+
+@pytest.mark.parametrize("n_tokens,n_chunks", [(0, 1), (1, 1), (75, 1), (76, 2), (150, 2), (151, 3), (225, 3)])
+def test_chunk_count_is_ceil_of_tokens_over_75(n_tokens, n_chunks):
+    for pipeline in ("sd15", "sdxl"):
+        pos, _ = plan("cat " * n_tokens, None, pipeline)
+        assert pos.n_chunks == n_chunks
+        flat = [t for row in pos.chunks["l"] for t in row[1:76]]
+        assert flat == [CAT] * n_tokens + [EOS] * (75 * n_chunks - n_tokens)
+
+
+def test_longer_negative_sets_the_chunk_count():
+    pos, neg = plan("cat", "cat " * 160, "sd15")
+    assert pos.n_chunks == neg.n_chunks == 3
+    assert pos.chunks["l"][1] == [BOS] + [EOS] * 76
+
+
+@pytest.mark.parametrize("pipeline,n_tokens,kept,chunks", [
+    ("sd15", 300, 225, 3), ("sd15-inpaint", 320, 300, 4), ("sdxl", 301, 300, 4), ("sdxl-inpaint", 400, 300, 4),
+])
+def test_caps_warn_with_token_counts(pipeline, n_tokens, kept, chunks):
+    with pytest.warns(PromptTruncatedWarning, match=fr"The prompt has {n_tokens} tokens; .*first {kept} "):
+        pos, _ = plan("cat " * n_tokens, None, pipeline)
+    assert pos.n_chunks == chunks and pos.kept_tokens == kept and pos.token_count == n_tokens
+    assert all(row[1:76] == [CAT] * 75 for row in pos.chunks["l"])
+
+
+def test_negative_over_cap_warns_too():
+    with pytest.warns(PromptTruncatedWarning, match="The negative prompt has 230 tokens"):
+        plan("cat", "cat " * 230, "sd15")
+
+
+def test_no_warning_at_the_cap(recwarn):
+    plan("cat " * 225, None, "sd15")
+    plan("cat " * 300, None, "sdxl")
+    assert not [w for w in recwarn if issubclass(w.category, PromptTruncatedWarning)]
+
+
+def test_sdxl_ids_clip_g_pads_with_zero_and_ends_at_76():
+    pos, neg = plan("cat " * 80, None, "sdxl")
+    assert neg is None
+    assert pos.chunks["l"] == [[BOS] + [CAT] * 75 + [EOS], [BOS] + [CAT] * 5 + [EOS] * 71]
+    assert pos.chunks["g"] == [[BOS] + [CAT] * 75 + [EOS], [BOS] + [CAT] * 5 + [0] * 70 + [EOS]]
+    assert pos.weights is None
+
+
+def test_sdxl_and_training_keep_brackets_as_text(tok_l):
+    text = "a (cat:1.5) [dog]"
+    literal = content_ids(tok_l, text)
+    assert len(literal) > 4   # the brackets and the number are tokens
+    for pipeline, layout in (("sdxl", "inference"), ("sd15", "training")):
+        pos, _ = plan(text, None, pipeline, layout)
+        assert pos.chunks["l"][0][1:1 + len(literal)] == literal
+        assert pos.weights is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Embeddings against the reference encoders
+# ------------------------------------------------------------------------------------------------
+
+def close(a, b, tol=1e-5):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert (a - b).abs().max().item() <= tol, (a - b).abs().max().item()
+
+
+def long_weighted(n_filler):
+    runs = [("a photo of ", 1.0), ("red fox", 1.5), (", " + words(n_filler) + " ", 1.0), ("bright", 1 / 1.1),
+            (" end", 1.0)]
+    text = f"a photo of (red fox:1.5), {words(n_filler)} [bright] end"
+    return text, runs
+
+
+@pytest.mark.parametrize("pipeline,n_filler,negative,negative_runs,multiples,expected_chunks", [
+    ("sd15", 10, None, [("", 1.0)], 3, 1),
+    ("sd15", 150, "", [("", 1.0)], 3, 3),
+    ("sd15", 300, "blurry, (ugly:1.3)", [("blurry, ", 1.0), ("ugly", 1.3)], 3, 3),
+    ("sd15-inpaint", 300, None, [("", 1.0)], 4, 4),
+])
+def test_sd15_inference_matches_lpw(tiny, pipeline, n_filler, negative, negative_runs, multiples, expected_chunks):
+    text, runs = long_weighted(n_filler)
+    ref_pos, ref_neg, n = lpw_reference(runs, negative_runs, tiny.tokenizer, tiny.text_encoder, multiples)
+    assert n == expected_chunks
+    with torch.no_grad(), pytest.warns(PromptTruncatedWarning) if n_filler == 300 else _no_warning():
+        out = encode_prompt(text, negative, tokenizers=tiny.tokenizer, text_encoders=tiny.text_encoder,
+                            pipeline=pipeline)
+    assert set(out) == {"prompt_embeds", "negative_prompt_embeds"}
+    assert out["prompt_embeds"].shape == (1, 77 * n, 32)
+    close(out["prompt_embeds"], ref_pos)
+    close(out["negative_prompt_embeds"], ref_neg)
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("error", PromptTruncatedWarning)
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def test_sd15_weights_change_the_embedding(tiny):
+    plain = encode_prompt("a photo of red fox", tokenizers=tiny.tokenizer, text_encoders=tiny.text_encoder,
+                          pipeline="sd15")["prompt_embeds"]
+    weighted = encode_prompt("a photo of (red fox:1.5)", tokenizers=tiny.tokenizer,
+                             text_encoders=tiny.text_encoder, pipeline="sd15")["prompt_embeds"]
+    assert (plain - weighted).abs().max() > 1e-3
+    # mean-preserving rescale: the weighted tensor keeps the unweighted mean
+    assert weighted.mean().item() == pytest.approx(plain.mean().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("text_tokens", [20, 160, 330])
+def test_sd15_training_layout_matches_stage2(tiny, text_tokens):
+    text = "a (cat) " + words(text_tokens)
+    ref = training_reference(text, tiny.tokenizer, tiny.text_encoder)
+    ctx = pytest.warns(PromptTruncatedWarning) if text_tokens > 300 else _no_warning()
+    with ctx:
+        out = encode_prompt(text, tokenizers=[tiny.tokenizer], text_encoders=[tiny.text_encoder],
+                            pipeline="sd15", layout="training")
+    n = math.ceil(min(300, len(content_ids(tiny.tokenizer, text))) / 75)
+    assert out["prompt_embeds"].shape == (1, 75 * n + 2 if n > 1 else 77, 32)
+    close(out["prompt_embeds"], ref)
+    # the negative "" padded to the same chunks, trimmed the same way
+    close(out["negative_prompt_embeds"], training_reference_padded("", n, tiny))
+
+
+def training_reference_padded(text, n, tiny):
+    """A caption padded to n chunks by a longer one in its batch (training's batch padding)."""
+    ids = content_ids(tiny.tokenizer, text)
+    flat = torch.tensor([[BOS] + ids + [EOS] * (75 * n - len(ids)) + [EOS]])
+    outs = []
+    for i in range(n):
+        window = flat[:, 75 * i: 75 * i + 77].clone()
+        window[:, 0], window[:, -1] = BOS, EOS
+        with torch.no_grad():
+            out = tiny.text_encoder(window).last_hidden_state
+        outs.append(out if n == 1 else out[:, :-1] if i == 0 else out[:, 1:] if i == n - 1 else out[:, 1:-1])
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("text_tokens,negative", [(10, None), (160, ""), (230, None)])
+def test_sdxl_matches_llmga(tiny, text_tokens, negative):
+    text = "a (cat:1.5) photo, " + words(text_tokens)
+    ref_hidden, ref_pooled = sdxl_reference(text, tiny)
+    out = encode_prompt(text, negative, tokenizers=[tiny.tokenizer, tiny.tokenizer_2],
+                        text_encoders=[tiny.text_encoder, tiny.text_encoder_2], pipeline="sdxl")
+    assert set(out) == {"prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                        "negative_pooled_prompt_embeds"}
+    close(out["prompt_embeds"], ref_hidden)
+    close(out["pooled_prompt_embeds"], ref_pooled)
+    assert out["pooled_prompt_embeds"].shape == (1, 32)
+    assert torch.count_nonzero(out["negative_prompt_embeds"]) == 0
+    assert out["negative_prompt_embeds"].shape == out["prompt_embeds"].shape
+    assert torch.count_nonzero(out["negative_pooled_prompt_embeds"]) == 0
+    assert out["negative_pooled_prompt_embeds"].shape == (1, 32)
+
+
+def test_sdxl_pooled_is_last_chunk_position_76(tiny):
+    text = words(160)   # 3 chunks; the last holds 10 tokens, then "!" pads, EOS at 76
+    out = encode_prompt(text, tokenizers=[tiny.tokenizer, tiny.tokenizer_2],
+                        text_encoders=[tiny.text_encoder, tiny.text_encoder_2], pipeline="sdxl-inpaint")
+    ids = content_ids(tiny.tokenizer_2, text)
+    assert len(ids) == 160
+    m = tiny.text_encoder_2
+    last = torch.tensor([[BOS] + ids[150:] + [0] * 65 + [EOS]])
+    first = torch.tensor([[BOS] + ids[:75] + [EOS]])
+    with torch.no_grad():
+        at_76 = m.text_projection(m(last, output_hidden_states=True).last_hidden_state[:, 76])
+        first_pooled = m(first).text_embeds
+    close(out["pooled_prompt_embeds"], at_76)
+    assert (out["pooled_prompt_embeds"] - first_pooled).abs().max() > 1e-3
+    assert out["prompt_embeds"].shape == (1, 227, 64)
+
+
+def test_sdxl_nonempty_negative_is_encoded_with_shared_chunks(tiny):
+    out = encode_prompt(words(100), "blurry", tokenizers=[tiny.tokenizer, tiny.tokenizer_2],
+                        text_encoders=[tiny.text_encoder, tiny.text_encoder_2], pipeline="sdxl")
+    assert out["negative_prompt_embeds"].shape == out["prompt_embeds"].shape == (1, 152, 64)
+    assert torch.count_nonzero(out["negative_pooled_prompt_embeds"]) > 0
+
+
+def test_bad_arguments_are_refused_with_one_sentence(tiny):
+    with pytest.raises(ValueError, match="Unknown pipeline 'sd21'"):
+        encode_prompt("x", tokenizers=tiny.tokenizer, text_encoders=tiny.text_encoder, pipeline="sd21")
+    with pytest.raises(ValueError, match=r"needs 2 tokenizer\(s\) and 2 text encoder\(s\) \(SDXL\); got 1 and 1"):
+        encode_prompt("x", tokenizers=tiny.tokenizer, text_encoders=tiny.text_encoder, pipeline="sdxl")
+    with pytest.raises(ValueError, match="must be a CLIPTextModelWithProjection"):
+        encode_prompt("x", tokenizers=[tiny.tokenizer, tiny.tokenizer_2],
+                      text_encoders=[tiny.text_encoder, tiny.text_encoder], pipeline="sdxl")
+    with pytest.raises(ValueError, match="Unknown layout 'train'"):
+        encode_prompt("x", tokenizers=tiny.tokenizer, text_encoders=tiny.text_encoder, pipeline="sd15",
+                      layout="train")
+
+
+# ------------------------------------------------------------------------------------------------
+# pipe(**embeds) in diffusers
+# ------------------------------------------------------------------------------------------------
+
+def _tiny_unet_vae(cross_dim, sdxl):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    torch.manual_seed(0)
+    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=6 * 8 + 32) if sdxl else {}
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_dim,
+                                attention_head_dim=4, norm_num_groups=32, **extra)
+    vae = AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32)
+    return unet, vae
+
+
+def test_embeds_drive_a_diffusers_pipeline(tiny):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    text = "a (red:1.2) fox, " + words(120)
+
+    unet, vae = _tiny_unet_vae(32, sdxl=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    embeds = encode_prompt(text, tokenizers=tiny.tokenizer, text_encoders=tiny.text_encoder, pipeline="sd15")
+    latents = pipe(**embeds, num_inference_steps=1, height=32, width=32, output_type="latent").images
+    assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
+
+    unet, vae = _tiny_unet_vae(64, sdxl=True)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=tiny.text_encoder, text_encoder_2=tiny.text_encoder_2,
+                                     tokenizer=tiny.tokenizer, tokenizer_2=tiny.tokenizer_2, unet=unet,
+                                     scheduler=sched)
+    embeds = encode_prompt(text, tokenizers=[tiny.tokenizer, tiny.tokenizer_2],
+                           text_encoders=[tiny.text_encoder, tiny.text_encoder_2], pipeline="sdxl")
+    latents = pipe(**embeds, num_inference_steps=1, height=32, width=32, output_type="latent").images
+    assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
