@@ -188,7 +188,9 @@ def missing_models(server: Server, workflow: dict) -> list[tuple[str, str, str]]
             if info is None:
                 raise WorkflowError(f"The server has no node {class_type}; is the LLMGA pack installed in its "
                                     f"custom_nodes folder?")
-            options = info["input"]["required"][input_name][0]
+            spec = info["input"]["required"][input_name]
+            # ComfyUI < 0.3.4x lists combo options in place of the type; newer ones under "options"
+            options = spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])
             name = node["inputs"][input_name]
             if name not in options:
                 missing.append((class_type, name, folder))

@@ -77,6 +77,7 @@ def models_base(tmp_path_factory):
     make_vision_tower(models / "clip_vision" / "clip-vit-large-patch14-336")
     for name, kind in SD_KINDS.items():
         make_sd_folder(models / "diffusers", kind, name=name)
+    (models / "diffrir").mkdir(parents=True)
     make_diffrir_weights(models / "diffrir" / "DiffRIR_x1.pth", scale=1)
     write_input_images(base / "input")
     return base
@@ -103,8 +104,10 @@ def test_pack_imports_cleanly_and_lists_its_nodes(server, object_info):
     assert not missing, f"nodes not registered: {missing}"
     for node_id in PACK_NODES:
         assert object_info[node_id]["python_module"] == "custom_nodes.comfyui-llmga"
-    assert object_info["LLMGAMLLMLoader"]["input"]["required"]["model_name"][0] == sorted(MLLM_FAMILIES)
-    assert set(SD_KINDS) <= set(object_info["LLMGACheckpointLoader"]["input"]["required"]["model_name"][0])
+    options = lambda node: object_info[node]["input"]["required"]["model_name"][1]["options"]  # noqa: E731
+    assert options("LLMGAMLLMLoader") == sorted(MLLM_FAMILIES)
+    assert set(SD_KINDS) <= set(options("LLMGACheckpointLoader"))
+    assert options("DiffRIRLoader") == ["DiffRIR_x1.pth"]
 
 
 def test_web_extension_is_served(server):
@@ -159,8 +162,13 @@ def test_model_name_outside_the_model_folders_is_refused(server):
     workflow = small_run(json.loads((WORKFLOWS / "api" / "llmga_t2i_sd15.json").read_text()))
     workflow["3"]["inputs"]["model_name"] = "../../etc"
     status, body = server.post("/prompt", {"prompt": workflow, "client_id": server.client_id})
-    assert status == 400 or body.get("node_errors")
-    assert "3" in body["node_errors"]
+    if status == 400 or body.get("node_errors"):  # refused by the combo check before running
+        assert "3" in body["node_errors"]
+        return
+    entry = server.wait(body["prompt_id"])  # or by the loader itself, in one sentence
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and errors[0]["node_type"] == "LLMGACheckpointLoader"
+    assert "inside the diffusers model folders" in errors[0]["exception_message"]
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)

@@ -4,15 +4,12 @@
 // usage: node check_workflows.mjs SERVER_URL OUT_JSON WORKFLOW.json...
 import { chromium } from "playwright-core";
 import { readFileSync, writeFileSync } from "node:fs";
-import { mkdtempSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 
 const [server, outPath, ...workflowPaths] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", `--user-data-dir=${mkdtempSync(join(tmpdir(), "llmga-chr-"))}`],
+         "--disable-component-update", "--disable-sync"],  // playwright gives each launch a fresh profile
 });
 const result = { workflows: {}, console: [], text_display: null };
 try {
