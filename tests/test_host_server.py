@@ -235,3 +235,21 @@ def test_frontend_loads_every_ui_workflow_and_shows_text_as_text(server, tmp_pat
     assert shown["value"] == report["hostile"]
     assert not shown["injected"] and not shown["pwned"]
     assert shown["serialized"] is False
+
+
+def test_inpainting_keeps_preserved_pixels(server, models_base):
+    """After DiffRIR the saved image equals the input outside the mask (SaveImage truncates
+    255·x to uint8, so a preserved value may read one level lower) and differs inside it."""
+    from PIL import Image
+    import numpy as np
+
+    workflow = small_run(json.loads((WORKFLOWS / "api" / "llmga_inpaint_sd15_diffrir.json").read_text()))
+    entry = server.run(workflow)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    img = entry["outputs"]["11"]["images"][0]
+    saved = np.asarray(Image.open(models_base / "output" / img["subfolder"] / img["filename"]).convert("RGB"))
+    source = np.asarray(Image.open(models_base / "input" / "llmga_inpaint_example.png"))
+    hole = source[:, :, 3] == 0
+    diff = np.abs(saved.astype(int) - source[:, :, :3].astype(int))
+    assert diff[~hole].max() <= 1
+    assert diff[hole].mean() > 5
