@@ -121,7 +121,9 @@ class LLMGAPromptGenerator(io.ComfyNode):
                 io.Float.Input("temperature", default=0.0, min=0.0, max=2.0, step=0.05,
                                tooltip="0 = greedy (deterministic, identical to the original at temperature 0)."),
                 io.Float.Input("top_p", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Nucleus sampling when temperature > 0; 1 = off."),
+                               tooltip="Nucleus sampling when temperature > 0 (1 = no nucleus cut; the folder's top_k, "
+                                       "50 if unset, applies as in the original); 0 = the folder's own top_p from "
+                                       "generation_config.json, as the original CLI samples."),
                 io.Int.Input("max_new_tokens", default=512, min=1, max=4096),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
             ],
@@ -154,7 +156,7 @@ class LLMGAPromptGenerator(io.ComfyNode):
             progress.update_absolute(step, max_new_tokens)  # also raises when the user interrupts
 
         reply = mllm.mllm.generate(instruction, task=task, image=pil_like, mask=mask_2d, conversation=conversation,
-                                   temperature=temperature, top_p=None if top_p >= 1.0 else top_p,
+                                   temperature=temperature, top_p=None if top_p <= 0.0 else top_p,
                                    max_new_tokens=max_new_tokens, seed=seed, on_token=on_token)
         notes.extend(reply.notes)
         for note in notes:

@@ -1,0 +1,385 @@
+"""Loading a released LLMGA MLLM folder onto native transformers models.
+
+Ports LLMGA: llmga/llava/model/builder.py (`load_pretrained_model`) and the Llava* wrappers of
+LLMGA: llmga/llava/model/language_model/*.py and multimodal_encoder/, multimodal_projector/. The
+original loads `Llava<Family>ForCausalLM` (the native model plus a CLIP tower and a 2-layer MLP
+projector); here the native `<Family>ForCausalLM` is built from the family's own config class
+(model_type `llava_*` is not registered in transformers), the projector is a plain
+nn.Sequential(Linear, GELU, Linear) with the released keys `model.mm_projector.0/2`, and CLIP comes
+from its own folder, as the original loads it from `mm_vision_tower` and ignores the bf16 copy
+inside the checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .templates import FAMILY_TEMPLATES
+
+log = logging.getLogger("llmga.mllm")
+
+VISION_TOWER_ID = "openai/clip-vit-large-patch14-336"
+
+FAMILIES = ("vicuna", "llama2", "llama3", "mistral", "qwen2", "phi3", "gemma")
+# family → transformers class name stem
+NATIVE_CLASSES = {"vicuna": "Llama", "llama2": "Llama", "llama3": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
+                  "phi3": "Phi3", "gemma": "Gemma"}
+# config.json model_type / architectures of the released folders → base kind
+_MODEL_TYPES = {"llava_llama": "llama", "llava": "llama", "llava_mistral": "mistral", "llava_gemma": "gemma",
+                "llava_qwen2": "qwen2", "llava_phi3": "phi3", "llava_mpt": "mpt"}
+_ARCHITECTURES = {"llavallamaforcausalllm": "llama", "llavamistralforcausallm": "mistral",
+                  "llavagemmaforcausallm": "gemma", "llavaqwen2forcausallm": "qwen2", "llavaphi3forcausallm": "phi3",
+                  "llavampforcausallm": "mpt", "llavamptforcausallm": "mpt"}
+# fields the LLaVA code adds to the base config
+LLAVA_FIELDS = ("mm_vision_tower", "mm_hidden_size", "mm_projector_type", "mm_vision_select_layer",
+                "mm_vision_select_feature", "mm_use_im_start_end", "mm_use_im_patch_token", "mm_patch_merge_type",
+                "image_aspect_ratio", "tokenizer_model_max_length", "tokenizer_padding_side", "use_mm_proj",
+                "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "mm_projector_lr", "image_grid_pinpoints",
+                "unfreeze_mm_vision_tower", "mm_vision_tower_lr")
+
+
+@dataclass
+class FolderInfo:
+    """What config.json (+ tokenizer, + generation_config.json) of an LLMGA folder says."""
+
+    folder: Path
+    config: dict
+    family: str
+    template: str  # the template the original picks for this family's released folder name
+    generation: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- recognition
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} ({what}) could not be read as JSON ({exc}); re-download that file.") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} ({what}) is not a JSON object; re-download that file.")
+    return data
+
+
+def _tokenizer_mentions(folder: Path, needle: str) -> bool:
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json"):
+        path = folder / name
+        if path.is_file():
+            try:
+                if needle in path.read_text(encoding="utf-8", errors="replace"):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def recognise(folder: Path) -> FolderInfo:
+    """Family and template of an LLMGA MLLM folder from its config.json and tokenizer (not its name).
+
+    For the released folders this agrees with the original's choice by folder name (builder.py and
+    cli*.py); a renamed folder keeps working. Llama-2-chat and Vicuna share everything structural,
+    so the base model path the training saved in config.json (`_name_or_path`) and then the folder name
+    decide between them ("llama-2" → Llama-2, as the original; anything else → Vicuna).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; give the folder of an LLMGA MLLM (e.g. "
+                                "models/LLM/llmga-Qwen2-0.5B-full-finetune).")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{folder} is not an LLMGA MLLM folder: it has no config.json; give the folder of a "
+                         "released LLMGA MLLM such as llmga-Qwen2-0.5B-full-finetune.")
+    config = read_json(config_path, "the model config")
+    if "mm_vision_tower" not in config and "mm_projector_type" not in config:
+        raise ValueError(f"{folder} is not an LLMGA MLLM folder: its config.json has no mm_vision_tower / "
+                         "mm_projector_type fields (a plain language model?); give a released LLMGA MLLM folder.")
+    kind = _MODEL_TYPES.get(str(config.get("model_type", "")).lower())
+    for arch in config.get("architectures") or ():
+        kind = kind or _ARCHITECTURES.get(str(arch).lower())
+    if kind is None or kind == "mpt":
+        raise ValueError(f"{folder}: model_type {config.get('model_type')!r} is not one of the LLMGA MLLM families "
+                         "(LLaMA/Vicuna, Llama-2, Llama-3, Mistral, Qwen2, Phi-3, Gemma).")
+    if kind == "llama":
+        hints = (str(config.get("_name_or_path", "")) + " " + folder.name).lower()
+        if int(config.get("vocab_size") or 0) >= 128000 or _tokenizer_mentions(folder, "<|start_header_id|>"):
+            family = "llama3"
+        elif "llama-2" in hints or "llama2" in hints or "llama_2" in hints:
+            family = "llama2"
+        else:
+            family = "vicuna"
+    else:
+        family = kind
+    generation = {}
+    generation_path = folder / "generation_config.json"
+    if generation_path.is_file():
+        generation = read_json(generation_path, "the generation config")
+        generation["_from_file"] = True
+    return FolderInfo(folder=folder, config=config, family=family, template=FAMILY_TEMPLATES[family],
+                      generation=generation)
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def native_config(info: FolderInfo, dtype: torch.dtype):
+    """The family's own transformers config class, built from the released config.json."""
+    import transformers
+
+    values = {k: v for k, v in info.config.items()
+              if k not in LLAVA_FIELDS and k not in ("model_type", "architectures", "auto_map", "_name_or_path",
+                                                     "transformers_version", "torch_dtype", "dtype")}
+    if info.family == "phi3":
+        rope = values.get("rope_scaling") or values.get("rope_parameters")
+        if isinstance(rope, dict) and (rope.get("type") or rope.get("rope_type")) in ("su", "yarn"):
+            # "su" is called "longrope" in transformers ≥ 4.42, same factors and scale; renaming it before
+            # the config class sees it keeps `original_max_position_embeddings` where it is expected
+            rope = dict(rope)
+            rope.pop("rope_type", None)
+            rope["type"] = "longrope"
+            values["rope_scaling"] = rope
+    if info.family == "gemma":
+        # transformers 4.41's GemmaMLP used `hidden_activation` (tanh GELU) and ignored `hidden_act`
+        values["hidden_act"] = values.pop("hidden_activation", None) or "gelu_pytorch_tanh"
+    config_class = getattr(transformers, NATIVE_CLASSES[info.family] + "Config")
+    config = config_class.from_dict(values)
+    config._attn_implementation = "sdpa"  # what 4.41 picked by default; eager gives the same tokens (§12)
+    config.dtype = dtype
+    return config
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The weight files of a folder, checked to exist (sharded via the index, or single)."""
+    folder = Path(folder)
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = read_json(index, "the weight index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index} has no weight_map; re-download it.")
+            files = [folder / name for name in dict.fromkeys(weight_map.values())]
+            for path in files:
+                if not path.is_file():
+                    raise FileNotFoundError(f"The weight shard {path.name} listed in {index_name} is missing from "
+                                            f"{folder}; download it (the model folder is incomplete).")
+            return files
+        if (folder / single).is_file():
+            return [folder / single]
+    raise FileNotFoundError(f"{folder} has no weights (model.safetensors, model-*-of-*.safetensors with "
+                            "model.safetensors.index.json, or pytorch_model*.bin); download the model's weight files.")
+
+
+def _check_file(path: Path) -> None:
+    """Cheap validation of a weight file before any heavy work: the safetensors header, or the zip
+    directory of a torch.save file."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                handle.keys()
+        except Exception as exc:
+            raise ValueError(f"The weight file {path} is corrupt or truncated ({exc}); download it again.") from exc
+    else:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ValueError(f"The weight file {path} is corrupt or not a torch.save archive ({exc}); "
+                             "download it again.") from exc
+
+
+def iter_tensors(path: Path):
+    """(key, tensor) of one weight file; pickles only through torch.load(weights_only=True)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    yield key, handle.get_tensor(key)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"The weight file {path} could not be read ({exc}); download it again.") from exc
+        except Exception as exc:  # safetensors' own error type
+            if type(exc).__name__ == "SafetensorError":
+                raise ValueError(f"The weight file {path} could not be read ({exc}); download it again.") from exc
+            raise
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise ValueError(f"The weight file {path} could not be loaded with torch.load(weights_only=True) "
+                             f"({exc}); download it again.") from exc
+        if not isinstance(state, dict):
+            raise ValueError(f"The weight file {path} does not hold a state dict; download it again.")
+        yield from state.items()
+
+
+def no_init_weights():
+    """transformers' context that skips weight initialisation (its module moved in transformers 5)."""
+    try:
+        from transformers.initialization import no_init_weights as context
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights as context
+    return context()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_language_model(config, dtype: torch.dtype) -> nn.Module:
+    """The native causal LM with uninitialised parameters (they are all overwritten by the checkpoint);
+    rotary tables and other computed buffers are built on the CPU in float32 as in the original."""
+    import transformers
+
+    name = type(config).__name__.removesuffix("Config") + "ForCausalLM"
+    model_class = getattr(transformers, name)
+    with no_init_weights(), _default_dtype(dtype):
+        model = model_class(config)
+    return model.eval().requires_grad_(False)
+
+
+def build_projector(config: dict, hidden_size: int, dtype: torch.dtype) -> nn.Sequential:
+    projector_type = config.get("mm_projector_type", "linear")
+    if projector_type != "mlp2x_gelu":
+        raise ValueError(f"mm_projector_type {projector_type!r} is not supported; LLMGA's released models use "
+                         "mlp2x_gelu.")
+    mm_hidden = int(config.get("mm_hidden_size") or 1024)
+    with _default_dtype(dtype):
+        projector = nn.Sequential(nn.Linear(mm_hidden, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+    return projector.eval().requires_grad_(False)
+
+
+def load_weights(files: list[Path], language_model: nn.Module, projector: nn.Module, *, tied: bool) -> None:
+    """Copy the checkpoint into the models (cast to their dtype); the bf16 CLIP copy is ignored."""
+    for path in files:
+        _check_file(path)
+    targets = dict(language_model.state_dict(keep_vars=True))
+    targets.update({f"model.mm_projector.{k}": v for k, v in projector.state_dict(keep_vars=True).items()})
+    persistent = set(language_model.state_dict())
+    loaded: set[str] = set()
+    unexpected = []
+    with torch.no_grad():
+        for path in files:
+            for key, tensor in iter_tensors(path):
+                if key.startswith("model.vision_tower.") or (tied and key == "lm_head.weight"):
+                    continue  # CLIP comes from its own folder; a tied head is the embedding
+                target = targets.get(key)
+                if target is None:
+                    unexpected.append(key)
+                    continue
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise ValueError(f"{path.name}: {key} has shape {tuple(tensor.shape)} but the model built from "
+                                     f"config.json expects {tuple(target.shape)}; config.json and weights disagree.")
+                target.copy_(tensor)
+                loaded.add(key)
+    if unexpected:
+        log.warning("ignored %d unexpected weights, e.g. %s", len(unexpected), unexpected[:3])
+    projector_keys = {f"model.mm_projector.{k}" for k in projector.state_dict()}
+    if not projector_keys <= loaded:
+        raise ValueError(f"The checkpoint in {files[0].parent} has no mm_projector weights; it is not a complete "
+                         "LLMGA MLLM (a text-only LLM or projector-only weights?).")
+    missing = sorted(k for k in persistent - loaded if not (tied and k == "lm_head.weight"))
+    if missing:
+        raise ValueError(f"The checkpoint in {files[0].parent} lacks {len(missing)} weights of the language model "
+                         f"(e.g. {missing[:3]}); the download is incomplete or the files belong to another model.")
+    if tied:
+        language_model.tie_weights()
+
+
+def shrink_vocabulary(language_model: nn.Module, size: int) -> None:
+    """resize_token_embeddings(len(tokenizer)) of the original when it shrinks (Qwen2, Phi-3): only the first
+    `size` rows of the embedding and LM head remain, so later ids can never be produced. Growing (never the
+    case for the released models) is left alone."""
+    embed = language_model.get_input_embeddings()
+    if size >= embed.weight.shape[0]:
+        return
+    head = language_model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    embed.weight = nn.Parameter(embed.weight.data[:size].clone(), requires_grad=False)
+    embed.num_embeddings = size
+    if head is not None:
+        head.weight = embed.weight if tied else nn.Parameter(head.weight.data[:size].clone(), requires_grad=False)
+        head.out_features = size
+    language_model.config.vocab_size = size
+
+
+# ------------------------------------------------------------------------------------------ vision tower
+def find_vision_tower(folder: Path, config: dict, explicit: Optional[str | Path]) -> Path:
+    """The CLIP tower folder: explicit, else a folder named like the config's mm_vision_tower (e.g.
+    clip-vit-large-patch14-336, or the openai/ layout) beside or inside the model folder."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"The vision tower folder {path} has no config.json; give the folder of "
+                                    f"{VISION_TOWER_ID} (config.json, preprocessor_config.json and weights).")
+        return path
+    tower_id = str(config.get("mm_vision_tower") or VISION_TOWER_ID)
+    if Path(tower_id).is_absolute() and (Path(tower_id) / "config.json").is_file():
+        return Path(tower_id)  # the original accepts an existing path here too
+    tail = tower_id.replace("\\", "/").rstrip("/").split("/")
+    candidates = []
+    for base in (Path(folder).parent, Path(folder)):
+        candidates += [base / tail[-1], base.joinpath(*tail)]
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"The CLIP vision tower {tower_id} was not found: download {tower_id} (config.json, "
+        f"preprocessor_config.json and weights) into a folder named {tail[-1]} beside the model folder "
+        f"({Path(folder).parent / tail[-1]}) or under models/clip_vision/, or pass its folder as vision_tower.")
+
+
+def load_vision_tower(path: Path) -> nn.Module:
+    """CLIPVisionModel in float32 with eager attention (as transformers 4.41 ran it), from a whole-CLIP
+    (openai/… as published) or a vision-only folder."""
+    from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModel
+
+    config_dict = read_json(path / "config.json", "the vision tower config")
+    if config_dict.get("model_type") == "clip" or "vision_config" in config_dict:
+        vision_config = CLIPConfig.from_dict(config_dict).vision_config
+    elif config_dict.get("model_type") in ("clip_vision_model", None):
+        vision_config = CLIPVisionConfig.from_dict(config_dict)
+    else:
+        raise ValueError(f"{path} holds a {config_dict.get('model_type')!r} model, not the CLIP vision tower "
+                         f"{VISION_TOWER_ID}.")
+    vision_config._attn_implementation = "eager"
+    with no_init_weights(), _default_dtype(torch.float32):
+        model = CLIPVisionModel(vision_config)
+    targets = model.state_dict(keep_vars=True)
+    files = None
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).is_file():
+            files = [path / single]
+            break
+    if files is None:
+        files = checkpoint_files(path)
+    for file in files:
+        _check_file(file)
+    loaded = set()
+    with torch.no_grad():
+        for file in files:
+            for key, tensor in iter_tensors(file):
+                for name in (key, key.removeprefix("vision_model."), "vision_model." + key):
+                    if name in targets:
+                        targets[name].copy_(tensor)
+                        loaded.add(name)
+                        break
+    missing = [k for k in model.state_dict() if k not in loaded and "position_ids" not in k]
+    if missing:
+        raise ValueError(f"The vision tower weights in {path} lack {len(missing)} tensors (e.g. {missing[:3]}); "
+                         f"it is not a complete {VISION_TOWER_ID} download.")
+    return model.eval().requires_grad_(False)
