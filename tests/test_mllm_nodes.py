@@ -1,0 +1,113 @@
+"""The MLLM nodes inside the real host (in-process): model management, progress/interrupt, errors."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def host_models(tmp_path_factory, comfy_inprocess):
+    from tests.fixtures.tiny_mllm import make_mllm_folder, make_vision_tower
+
+    folder_paths = comfy_inprocess
+    root = tmp_path_factory.mktemp("models")
+    make_mllm_folder(root / "LLM", "qwen2")
+    make_vision_tower(root / "clip_vision" / "clip-vit-large-patch14-336")
+    folder_paths.add_model_folder_path("LLM", str(root / "LLM"))
+    folder_paths.add_model_folder_path("clip_vision", str(root / "clip_vision"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def mllm_nodes(llmga_pack, host_models):
+    return importlib.import_module("llmga_pack_under_test.nodes.mllm")
+
+
+@pytest.fixture(scope="module")
+def loaded(mllm_nodes):
+    return mllm_nodes.LLMGAMLLMLoader.execute("llmga-Qwen2-0.5B-full-finetune", "float32")[0]
+
+
+def generate(mllm_nodes, loaded, instruction="a red kite over the dunes", **kw):
+    args = dict(task="text-to-image", instruction=instruction, temperature=0.0, top_p=1.0, max_new_tokens=6, seed=0)
+    args.update(kw)
+    return mllm_nodes.LLMGAPromptGenerator.execute(loaded, **args)
+
+
+def test_loader_lists_folders_and_finds_the_tower_under_clip_vision(mllm_nodes, loaded, host_models):
+    schema = mllm_nodes.LLMGAMLLMLoader.define_schema()
+    assert "llmga-Qwen2-0.5B-full-finetune" in schema.inputs[0].options
+    assert loaded.mllm.family == "qwen2"
+    assert str(host_models / "clip_vision") in str(mllm_nodes.find_vision_tower_in_clip_vision())
+
+
+def test_the_model_lives_under_host_memory_management(mllm_nodes, loaded):
+    import comfy.model_management as mm
+
+    out = generate(mllm_nodes, loaded)
+    assert any(lm.model is loaded.patcher for lm in mm.current_loaded_models)
+    assert loaded.patcher.model_size() == loaded.mllm.size_bytes()
+    mm.unload_all_models()  # what the host's "free model memory" does
+    assert not any(lm.model is loaded.patcher for lm in mm.current_loaded_models)
+    again = generate(mllm_nodes, loaded)  # reloads on demand, same greedy answer
+    assert again.args[0] == out.args[0] and again.args[1] == out.args[1]
+
+
+def test_outputs_and_text_shown_on_the_node(mllm_nodes, loaded):
+    direct = loaded.mllm.generate("a red kite over the dunes", task="text-to-image", max_new_tokens=6)
+    out = generate(mllm_nodes, loaded)
+    prompt, response, conversation = out.args
+    assert (prompt, response) == (direct.prompt, direct.response)
+    assert conversation.messages == direct.conversation.messages
+    shown = out.ui.as_dict()["text"][0]
+    assert shown.startswith(prompt)
+    # a 6-token answer has no <gen_image> tag: the node says the whole answer is used
+    assert not direct.prompt_found and "gen_image" in shown
+
+
+def test_progress_hook_exceptions_interrupt_generation(mllm_nodes, loaded):
+    import comfy.utils
+
+    steps = []
+
+    class Interrupted(Exception):
+        pass
+
+    def hook(value, total, preview, node_id=None):
+        steps.append(value)
+        if value >= 2:
+            raise Interrupted()
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(Interrupted):
+            generate(mllm_nodes, loaded, max_new_tokens=50)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert steps[-1] == 2
+
+
+def test_empty_instruction_is_refused_in_one_sentence(mllm_nodes, loaded):
+    with pytest.raises(ValueError, match="instruction"):
+        generate(mllm_nodes, loaded, instruction="  ")
+
+
+def test_a_conversation_continues_in_a_second_node(mllm_nodes, loaded):
+    first = generate(mllm_nodes, loaded, task="chat", instruction="Hello there.")
+    second = generate(mllm_nodes, loaded, task="chat", instruction="And a second turn.",
+                      conversation=first.args[2])
+    direct = loaded.mllm.generate("And a second turn.", task="chat", max_new_tokens=6,
+                                  conversation=loaded.mllm.generate("Hello there.", task="chat",
+                                                                    max_new_tokens=6).conversation)
+    assert second.args[1] == direct.response
+    assert len(second.args[2].messages) == len(first.args[2].messages) + 2
+
+
+def test_image_batch_uses_the_first_image(mllm_nodes, loaded):
+    images = torch.rand(2, 40, 56, 3, generator=torch.Generator().manual_seed(0))
+    out = generate(mllm_nodes, loaded, task="similar-image", instruction="", image=images)
+    direct = loaded.mllm.generate("", task="similar-image", image=images[0], max_new_tokens=6)
+    assert out.args[1] == direct.response
+    assert "first" in out.ui.as_dict()["text"][0]
