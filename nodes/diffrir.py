@@ -1,0 +1,139 @@
+"""DiffRIR nodes: load the restoration network and repair inpainted or outpainted images.
+
+The ComfyUI face of Zj-BinXia/DiffRIR: inference_diffrir.py; the network, the input packing,
+the exact tiling and the compositing live in llmga_core.diffrir. The restore node follows the
+host's ImageUpscaleWithModel (comfy_extras/nodes_upscale_model.py): memory estimate and
+free_memory, a ProgressBar per tile, tile halving on out-of-memory, the model back to the
+offload device afterwards.
+"""
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management as model_management
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..llmga_core.diffrir import MIN_TILE_SIZE, check_inputs, estimate_memory, load_diffrir, restore
+from .paths import DIFFRIR_FOLDER, register_model_folders, resolve_model_path
+
+register_model_folders()  # idempotent; lets the combo list models/diffrir even if imported alone
+
+DiffRIRModel = io.Custom("DIFFRIR_MODEL")
+
+
+class DiffRIRLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffRIRLoader",
+            display_name="Load DiffRIR Model",
+            category="LLMGA/restoration",
+            description="Loads released DiffRIR weights (x1, x2 or x4; .pth or .safetensors) from models/diffrir.",
+            inputs=[
+                io.Combo.Input("model_name", options=folder_paths.get_filename_list(DIFFRIR_FOLDER),
+                               tooltip="DiffRIR weights under models/diffrir; the scale is read from the file."),
+            ],
+            outputs=[DiffRIRModel.Output(display_name="diffrir_model")],
+        )
+
+    @classmethod
+    def execute(cls, model_name) -> io.NodeOutput:
+        net = load_diffrir(resolve_model_path(DIFFRIR_FOLDER, model_name, want_dir=False))
+        logging.info("Loaded DiffRIR x%d from %s", net.scale, model_name)
+        return io.NodeOutput(net)
+
+
+def _to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    return tensor if tensor.shape[0] == batch else tensor.expand(batch, *tensor.shape[1:])
+
+
+class DiffRIRRestore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffRIRRestore",
+            display_name="DiffRIR Restore (Inpaint Seams)",
+            category="LLMGA/restoration",
+            description="Removes texture, brightness and contrast differences between the regenerated region "
+                        "and the preserved pixels, which come back exactly as in the reference.",
+            inputs=[
+                DiffRIRModel.Input("diffrir_model"),
+                io.Image.Input("image", tooltip="The generated (inpainted or outpainted) image. For an x2 or x4 "
+                                                "model, at 1/2 or 1/4 of the reference's size."),
+                io.Image.Input("reference", tooltip="The original image; its pixels outside the mask are kept."),
+                io.Mask.Input("mask", tooltip="White (>= 0.5) where the image was regenerated; the reference's size."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seed of the prior's starting noise (the original draws it unseeded)."),
+                io.Int.Input("tile_size", default=512, min=0, max=16384, step=MIN_TILE_SIZE,
+                             tooltip="Output pixels per tile; 0 runs the whole image at once. Tiling gives the "
+                                     "same result and only bounds memory."),
+            ],
+            outputs=[io.Image.Output(display_name="image")],
+        )
+
+    @classmethod
+    def execute(cls, diffrir_model, image, reference, mask, seed, tile_size) -> io.NodeOutput:
+        net = diffrir_model
+        generated = image[..., :3].movedim(-1, 1)
+        original = reference[..., :3].movedim(-1, 1)
+        mask = mask if mask.dim() == 3 else mask.unsqueeze(0)
+        mask = mask.unsqueeze(1)
+        batch = max(generated.shape[0], original.shape[0], mask.shape[0])
+        counts = (generated.shape[0], original.shape[0], mask.shape[0])
+        if any(n not in (1, batch) for n in counts):
+            raise ValueError(f"DiffRIR got {counts[0]} image(s), {counts[1]} reference(s) and {counts[2]} mask(s); "
+                             f"give one of each or the same number of each.")
+        generated, original, mask = (_to_batch(t, batch) for t in (generated, original, mask))
+        if 0 < tile_size < MIN_TILE_SIZE:
+            raise ValueError(f"tile_size must be 0 (the whole image at once) or at least {MIN_TILE_SIZE} pixels; "
+                             f"got {tile_size}.")
+        tile = tile_size if tile_size > 0 else None
+        check_inputs(net, generated, original, mask, tile_size=tile)
+
+        empty = [b for b in range(batch) if not bool((mask[b] >= 0.5).any())]
+        if len(empty) < batch:
+            restored = cls._restore(net, generated, original, mask, seed, tile)
+        else:
+            restored = original.clone()
+        note = None
+        if empty:
+            numbers = ", ".join(str(b + 1) for b in empty)
+            if net.scale == 1:  # the image itself can come back unchanged
+                restored[empty] = generated[empty].to(restored.dtype)
+                kept = "returned unchanged"
+            else:
+                kept = "returned as the reference (the generated image is smaller than the output)"
+            note = f"DiffRIR: the mask of image {numbers} is empty, so nothing was restored there; it is {kept}."
+            logging.info(note)
+        out = restored.movedim(1, -1).to(model_management.intermediate_device())
+        return io.NodeOutput(out, ui=ui.PreviewText(note) if note else None)
+
+    @classmethod
+    def _restore(cls, net, generated, original, mask, seed, tile):
+        device = model_management.get_torch_device()
+        height, width = original.shape[-2:]
+        memory_required = model_management.module_size(net) + estimate_memory(net, height, width, tile)
+        memory_required += (generated.nelement() + original.nelement() * 2 + mask.nelement()) * 4
+        model_management.free_memory(memory_required, device)
+        net.to(device)
+        try:
+            while True:
+                pbar = comfy.utils.ProgressBar(generated.shape[0])
+                try:
+                    return restore(net, generated, original, mask, seed=seed, tile_size=tile,
+                                   progress=lambda done, total: pbar.update_absolute(done, total))
+                except model_management.OOM_EXCEPTION:
+                    # like ImageUpscaleWithModel: halve the tile (tiling is exact, so only speed changes)
+                    tile = (max(height, width) if tile is None else tile) // 2 // MIN_TILE_SIZE * MIN_TILE_SIZE
+                    if tile < MIN_TILE_SIZE:
+                        raise
+                    logging.warning("DiffRIR ran out of memory; retrying with %d-pixel tiles.", tile)
+                    model_management.soft_empty_cache()
+        finally:
+            net.to(model_management.unet_offload_device())
+
+
+NODES = [DiffRIRLoader, DiffRIRRestore]
