@@ -165,7 +165,7 @@ def main():
             print(f"{label}: run two or more sizes to fit memory per megapixel")
             continue
         if label.startswith("tiled") and min(mp for mp, _ in points) * 1e6 <= args.tile ** 2:
-            print(f"(a size of at most one tile is in the tiled fit: its slope includes tile scratch)")
+            print("(a size of at most one tile is in the tiled fit: its slope includes tile scratch)")
         intercept, slope = fit(points)
         max_mp = (budget - max(intercept, 0.0)) / slope if slope > 0 else float("inf")
         side = int(max_mp ** 0.5 * 1000)

@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import llmga_core` from the checkout
 
@@ -20,3 +21,13 @@ def llmga_pack(comfy_inprocess):
     from tests.host import import_pack_inprocess
 
     return import_pack_inprocess()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a loaded 2-core machine OpenMP's waits for a
+    descheduled thread made tests up to 200x slower. (Servers the tests start are not affected.)"""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

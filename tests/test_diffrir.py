@@ -127,16 +127,6 @@ def images(scale, height, width, batch=1, seed=0):
     return generated, reference, mask
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and on a loaded 2-core machine OpenMP's
-    waits for a descheduled thread made these tests up to 200x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     folder = tmp_path_factory.mktemp("diffrir")

@@ -21,13 +21,6 @@ def root():
     return shared_model_root()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def greedy(folder, **kwargs):
     """Greedy ids of a similar-image turn (exercises tokenizer, CLIP, projector and LLM)."""
