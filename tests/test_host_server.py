@@ -253,3 +253,19 @@ def test_inpainting_keeps_preserved_pixels(server, models_base):
     diff = np.abs(saved.astype(int) - source[:, :, :3].astype(int))
     assert diff[~hole].max() <= 1
     assert diff[hole].mean() > 5
+
+
+def test_run_workflow_starts_its_own_comfyui(models_base, tmp_path):
+    """Without --server the command starts ComfyUI itself on 127.0.0.1, runs, and stops it."""
+    from tests.host import comfyui_dir
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "llmga_core.run_workflow", str(WORKFLOWS / "api" / "llmga_t2i_sdxl.json"),
+           "--comfyui", str(comfyui_dir()), "--comfyui-args",
+           f"--cpu --base-directory {models_base} --database-url sqlite:///:memory:",
+           "--out", str(out), "--set", "steps=2", "--set", "width=64", "--set", "height=64",
+           "--set", "max_new_tokens=8", "--set", "dtype=float32", "--set", "seed=7"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr + (out / "comfyui.log").read_text(errors="replace")[-3000:]
+    assert "starting ComfyUI" in done.stdout and "running" in done.stdout
+    assert list(out.glob("*.png")) and (out / "prompt_2.txt").is_file()
