@@ -14,7 +14,7 @@ import torch
 
 import comfy.sd1_clip
 import comfy.sdxl_clip
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..llmga_core.long_prompt import (CHUNK_LENGTH, PIPELINES, PromptTruncatedWarning, TokenizerSpec,
                                       encode_with_backend, recipe_for)
@@ -133,9 +133,11 @@ class LLMGALongCLIPTextEncode(io.ComfyNode):
             warnings.simplefilter("always", PromptTruncatedWarning)
             embeds = encode_with_backend(text, negative_text, tokenizers=specs, recipe=recipe,
                                          encode_chunks=host_chunk_encoder(clip, recipe))
+        notes = []
         for w in caught:
             if issubclass(w.category, PromptTruncatedWarning):
                 log.warning("LLMGA long prompt: %s", w.message)
+                notes.append(str(w.message))
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
@@ -147,7 +149,8 @@ class LLMGALongCLIPTextEncode(io.ComfyNode):
 
         positive = conditioning(embeds["prompt_embeds"], embeds.get("pooled_prompt_embeds"))
         negative = conditioning(embeds["negative_prompt_embeds"], embeds.get("negative_pooled_prompt_embeds"))
-        return io.NodeOutput(positive, negative)
+        # a cut prompt is shown on the node too (web/js/llmga_text.js), not only in the log
+        return io.NodeOutput(positive, negative, ui=ui.PreviewText("\n".join(notes)) if notes else None)
 
 
 NODES = [LLMGALongCLIPTextEncode]

@@ -185,6 +185,12 @@ def test_truncated_prompt_is_logged_not_fatal(node, clips, tiny, caplog):
     assert "The prompt has 310 tokens; LLMGA's sdxl encoding keeps the first 300" in caplog.text
 
 
+def test_truncation_is_shown_on_the_node(node, clips):
+    out = node.execute(clip=clips["sd15"], text="cat " * 260, pipeline="sd15")
+    assert out.ui.as_dict()["text"][0].startswith("The prompt has 260 tokens; LLMGA's sd15 encoding keeps the first 225")
+    assert node.execute(clip=clips["sd15"], text="a cat", pipeline="sd15").ui is None
+
+
 def test_training_layout_option(node, clips, tiny):
     text = "a (cat) " + words(120)
     (pos, _), _ = encode(node, clips["sd15"], text, pipeline="sd15", layout="training")
