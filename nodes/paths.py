@@ -40,7 +40,8 @@ def list_model_dirs(kind: str, marker: str) -> list[str]:
     """Folders (relative to any root of `kind`) that contain the file `marker`, sorted.
 
     Like the host's DiffusersLoader: walks every root, follows links, and names a folder
-    by its path relative to the root ("/" separated so workflows are portable).
+    by its path relative to the root ("/" separated so workflows are portable). Folders inside a
+    listed folder are not listed (an MLLM folder may hold its CLIP vision tower).
     """
     found = set()
     for root in folder_paths.get_folder_paths(kind):
@@ -50,6 +51,7 @@ def list_model_dirs(kind: str, marker: str) -> list[str]:
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             if marker in filenames and os.path.abspath(dirpath) != os.path.abspath(root):
                 found.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+                dirnames[:] = []  # a model's own subfolders (a vision tower inside it, unet/) are not models
     return sorted(found)
 
 

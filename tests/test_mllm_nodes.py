@@ -14,6 +14,8 @@ def host_models(tmp_path_factory, comfy_inprocess):
     folder_paths = comfy_inprocess
     root = tmp_path_factory.mktemp("models")
     make_mllm_folder(root / "LLM", "qwen2")
+    make_mllm_folder(root / "LLM" / "family", "gemma")  # a folder of folders
+    make_vision_tower(root / "LLM" / "llmga-Qwen2-0.5B-full-finetune" / "clip-vit-large-patch14-336")
     make_vision_tower(root / "clip_vision" / "clip-vit-large-patch14-336")
     folder_paths.add_model_folder_path("LLM", str(root / "LLM"))
     folder_paths.add_model_folder_path("clip_vision", str(root / "clip_vision"))
@@ -38,7 +40,10 @@ def generate(mllm_nodes, loaded, instruction="a red kite over the dunes", **kw):
 
 def test_loader_lists_folders_and_finds_the_tower_under_clip_vision(mllm_nodes, loaded, host_models):
     schema = mllm_nodes.LLMGAMLLMLoader.define_schema()
-    assert "llmga-Qwen2-0.5B-full-finetune" in schema.inputs[0].options
+    listed = [name for name in schema.inputs[0].options if not name.startswith(("/", "..")) and
+              ("Qwen2" in name or "gemma" in name)]
+    # the vision tower inside the model folder is not offered as a model; nested folders are
+    assert sorted(listed) == ["family/llmga-gemma-2b-it-full-finetune", "llmga-Qwen2-0.5B-full-finetune"]
     assert loaded.mllm.family == "qwen2"
     assert str(host_models / "clip_vision") in str(mllm_nodes.find_vision_tower_in_clip_vision())
 
