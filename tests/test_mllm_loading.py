@@ -206,3 +206,26 @@ def test_half_precision_build_keeps_the_computed_buffers_of_a_plain_build(root, 
             assert ours[name].dtype == torch.float32 and torch.equal(ours[name], buffer), name
         elif name.endswith("embed_scale"):
             assert float(ours[name].to(torch.float16)) == float(buffer.to(torch.float16)) == 8.0  # sqrt(64)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rotary_tables_are_rounded_through_float16_only_where_the_original_built_them_so(root, family):
+    """Mistral and Qwen2 built cos/sin in float16 at load in the original (transformers 4.41), so a
+    float32 run must see float16-rounded tables; Llama, Gemma and Phi-3 computed them on the fly."""
+    mllm = load_mllm(root / RELEASED_NAMES[family], dtype=torch.float32)
+    rotary = mllm.model.language_model.model.rotary_emb
+    x = torch.zeros(1, 5, 1)
+    position_ids = torch.arange(300, 305).unsqueeze(0)  # late positions: float16 rounding shows
+    cos, sin = rotary(x, position_ids)
+    inv_freq = rotary.inv_freq.float()
+    angles = position_ids[0, :, None].float() * inv_freq[None, :]
+    emb = torch.cat([angles, angles], dim=-1)
+    scale = getattr(rotary, "attention_scaling", 1.0)
+    exact_cos, exact_sin = emb.cos() * scale, emb.sin() * scale
+    if family in ("mistral", "qwen2"):
+        assert torch.equal(cos[0], exact_cos.half().float()) and torch.equal(sin[0], exact_sin.half().float())
+        assert not torch.equal(cos[0], exact_cos)
+    elif family != "phi3":  # Phi-3's longrope tables use scaled frequencies; only check they are unrounded
+        assert torch.allclose(cos[0], exact_cos, atol=1e-6) and not torch.equal(cos[0], exact_cos.half().float())
+    else:
+        assert not torch.equal(cos[0], cos[0].half().float())
