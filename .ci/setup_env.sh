@@ -21,16 +21,18 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating venv $venv"
   "$py" -m venv "$venv"
 fi
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+pip_quiet() {  # this machine's pip config names local wheel folders; their absence is not news
+  "$venv/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location '" >&2)
+}
 stamp="$venv/.llmga-setup-$(cat "$root/requirements.txt" "$root/.ci/requirements-test.txt" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing torch stack (from local disk where available)"
-  "${pip[@]}" install torch==2.14.1 torchvision==0.29.1
+  pip_quiet install torch==2.14.1 torchvision==0.29.1
   echo "[setup] installing host requirements"
   grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$host/requirements.txt" > "$venv/host-requirements.txt"
-  "${pip[@]}" install -r "$venv/host-requirements.txt" requests
+  pip_quiet install -r "$venv/host-requirements.txt" requests
   echo "[setup] installing pack and test requirements"
-  "${pip[@]}" install -r "$root/requirements.txt" -r "$root/.ci/requirements-test.txt"
+  pip_quiet install -r "$root/requirements.txt" -r "$root/.ci/requirements-test.txt"
   touch "$stamp"
 fi
 # The frontend test drives the real ComfyUI frontend in Debian's headless Chromium via playwright-core.

@@ -18,6 +18,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..llmga_core.mllm import TASKS, load_mllm
+from ..llmga_core.mllm.prompts import user_text
 from .paths import MLLM_FOLDER, list_model_dirs, resolve_model_path
 
 log = logging.getLogger("llmga")
@@ -138,6 +139,7 @@ class LLMGAPromptGenerator(io.ComfyNode):
     def execute(cls, mllm, task: str, instruction: str, image=None, mask=None, conversation=None,
                 temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 512,
                 seed: int = 0) -> io.NodeOutput:
+        user_text(task, instruction)  # a bad instruction fails here, before the model moves to the GPU
         notes = []
         pil_like = None
         if image is not None:
@@ -150,10 +152,11 @@ class LLMGAPromptGenerator(io.ComfyNode):
 
         mm.load_models_gpu([mllm.patcher], memory_required=kv_cache_bytes(mllm.mllm, 2048 + max_new_tokens),
                            force_full_load=True)
-        progress = comfy.utils.ProgressBar(max_new_tokens)
+        total = max_new_tokens * (2 if task == "editing" else 1)  # editing runs two turns
+        progress = comfy.utils.ProgressBar(total)
 
         def on_token(step, token_id):
-            progress.update_absolute(step, max_new_tokens)  # also raises when the user interrupts
+            progress.update_absolute(step, total)  # also raises when the user interrupts
 
         reply = mllm.mllm.generate(instruction, task=task, image=pil_like, mask=mask_2d, conversation=conversation,
                                    temperature=temperature, top_p=None if top_p <= 0.0 else top_p,

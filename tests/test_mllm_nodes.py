@@ -94,9 +94,13 @@ def test_progress_hook_exceptions_interrupt_generation(mllm_nodes, loaded):
     assert steps[-1] == 2
 
 
-def test_empty_instruction_is_refused_in_one_sentence(mllm_nodes, loaded):
+def test_empty_instruction_is_refused_before_the_model_is_loaded(mllm_nodes, loaded):
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
     with pytest.raises(ValueError, match="instruction"):
         generate(mllm_nodes, loaded, instruction="  ")
+    assert not any(lm.model is loaded.patcher for lm in mm.current_loaded_models)
 
 
 def test_a_conversation_continues_in_a_second_node(mllm_nodes, loaded):
