@@ -46,6 +46,8 @@ def small_run(workflow: dict) -> dict:
         if node["class_type"] == "ImagePadForOutpaint":
             for side in ("left", "top", "right", "bottom"):
                 inputs[side] = min(inputs[side], 32)
+        if node["class_type"] == "ImageScale":
+            inputs["width"] = inputs["height"] = 64
         if node["class_type"] == "DiffRIRRestore":
             inputs["tile_size"] = 32  # exercises the tiled path on the test canvas
     return workflow

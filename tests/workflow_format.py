@@ -80,7 +80,7 @@ def api_to_ui(api: dict, object_info: dict, positions: dict | None = None) -> di
 
     for nid in api:
         node_depth(nid)
-    rows = {}
+    rows = {}  # column -> next free y
     nodes, links = [], []
     out_links = {}
     link_id = 0
@@ -117,10 +117,14 @@ def api_to_ui(api: dict, object_info: dict, positions: dict | None = None) -> di
                     out_links.setdefault((value[0], value[1]), []).append(link_id)
                 inputs.append(entry)
         column = depth[nid]
-        row = rows.get(column, 0)
-        rows[column] = row + 1
-        pos = (positions or {}).get(nid, [60 + column * 420, 60 + row * 360])
-        ui_node = {"id": int(nid), "type": node["class_type"], "pos": pos, "size": [380, 300], "flags": {},
+        multiline = sum(1 for _, spec, _ in _ordered_inputs(info)
+                        if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("multiline"))
+        sockets = max(len(inputs) - sum(1 for i in inputs if "widget" in i), len(info["output"]))
+        height = 40 + 22 * sockets + 28 * len(widgets) + 90 * multiline
+        top = rows.get(column, 60)
+        rows[column] = top + height + 60
+        pos = (positions or {}).get(nid, [60 + column * 460, top])
+        ui_node = {"id": int(nid), "type": node["class_type"], "pos": pos, "size": [400, height], "flags": {},
                    "order": 0, "mode": 0, "inputs": inputs, "outputs": [],
                    "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets}
         if node.get("_meta", {}).get("title"):
