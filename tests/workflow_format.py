@@ -33,14 +33,10 @@ def _type_name(spec) -> str:
     return "COMBO" if isinstance(spec[0], list) else spec[0]
 
 
-def _extra_widget_values(spec) -> int:
+def _extra_widget_values(spec) -> list:
+    """Values the frontend stores after a widget's own: the control_after_generate mode, the upload button."""
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return 1 if opts.get("control_after_generate") else 0
-
-
-def _upload_extra(spec) -> int:
-    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return 1 if opts.get("image_upload") else 0
+    return (["fixed"] if opts.get("control_after_generate") else []) + (["image"] if opts.get("image_upload") else [])
 
 
 def ui_to_api(ui: dict, object_info: dict) -> dict:
@@ -57,7 +53,7 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
             if _is_widget(spec):
                 if cursor < len(values):
                     inputs[name] = values[cursor]
-                cursor += 1 + _extra_widget_values(spec) + _upload_extra(spec)
+                cursor += 1 + len(_extra_widget_values(spec))
             if name in linked:
                 link = links[linked[name]]
                 inputs[name] = [str(link[1]), link[2]]
@@ -96,10 +92,7 @@ def api_to_ui(api: dict, object_info: dict, positions: dict | None = None) -> di
                 if default is None and isinstance(spec[0], list) and spec[0]:
                     default = spec[0][0]
                 widgets.append(default if is_link or value is None else value)
-                if _extra_widget_values(spec):
-                    widgets.append("fixed")
-                if _upload_extra(spec):
-                    widgets.append("image")
+                widgets.extend(_extra_widget_values(spec))
                 if is_link:
                     link_id += 1
                     inputs.append({"name": name, "type": _type_name(spec), "widget": {"name": name},
@@ -138,7 +131,6 @@ def api_to_ui(api: dict, object_info: dict, positions: dict | None = None) -> di
             ui_node["outputs"].append({"name": name, "type": kind,
                                        "links": out_links.get((str(ui_node["id"]), slot), []),
                                        "slot_index": slot})
-    # links refer to the target's position in its inputs list, fix after all inputs are known
     return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, repr(sorted(api)))), "revision": 0,
             "last_node_id": max(int(n) for n in api), "last_link_id": link_id, "nodes": nodes,
             "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
