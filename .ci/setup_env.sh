@@ -3,18 +3,20 @@
 # a venv with the host's torch stack, the host's requirements, the pack's requirements
 # and the test tools. Idempotent: a step whose result is present is skipped.
 #   LLMGA_VENV        venv folder        (default: <repo>/.venv)
-#   LLMGA_COMFYUI_DIR unpacked ComfyUI   (default: <repo>/.host/ComfyUI)
+#   LLMGA_COMFYUI_DIR unpacked ComfyUI   (default: ~/.cache/llmga-comfyui/ComfyUI-0.3.64, outside
+#                     the project as ../shared/host/README.md asks; never committed)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 shared=${LLMGA_SHARED_DIR:-$root/../shared}
 venv=${LLMGA_VENV:-$root/.venv}
-host=${LLMGA_COMFYUI_DIR:-$root/.host/ComfyUI}
+host=${LLMGA_COMFYUI_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llmga-comfyui/ComfyUI-0.3.64}
 py=${PYTHON:-python3}
 
-if [ ! -f "$host/main.py" ]; then
+if [ ! -f "$host/.llmga-unpacked" ]; then  # the stamp, not main.py: an interrupted unpack is redone
   echo "[setup] unpacking ComfyUI into $host"
-  mkdir -p "$host"
+  rm -rf "$host" && mkdir -p "$host"
   tar -C "$host" --strip-components=1 -xzf "$shared/host/ComfyUI-0.3.64.tar.gz"
+  touch "$host/.llmga-unpacked"
 fi
 
 if [ ! -x "$venv/bin/python" ]; then

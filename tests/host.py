@@ -1,6 +1,6 @@
 """The real ComfyUI host for tests: in-process import and a real server on 127.0.0.1.
 
-The host lives outside the project (LLMGA_COMFYUI_DIR, default <repo>/.host/ComfyUI; .ci/run
+The host lives outside the project (LLMGA_COMFYUI_DIR, default ~/.cache/llmga-comfyui/ComfyUI-0.3.64; .ci/run
 unpacks it from ../shared/host). Tests never skip when it is missing: they fail and say how
 to set it up.
 """
@@ -24,7 +24,8 @@ PACK_MODULE = "llmga_pack_under_test"
 
 
 def comfyui_dir() -> Path:
-    path = Path(os.environ.get("LLMGA_COMFYUI_DIR", REPO / ".host" / "ComfyUI"))
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = Path(os.environ.get("LLMGA_COMFYUI_DIR") or cache / "llmga-comfyui" / "ComfyUI-0.3.64")
     if not (path / "main.py").is_file():
         raise RuntimeError(f"ComfyUI host not found at {path}; run `bash .ci/setup_env.sh` "
                            f"(or set LLMGA_COMFYUI_DIR to an unpacked ComfyUI 0.3.64).")
