@@ -37,6 +37,16 @@ if [ ! -f "$stamp" ]; then
   pip_quiet install -r "$root/requirements.txt" -r "$root/.ci/requirements-test.txt"
   touch "$stamp"
 fi
+# The original's tokenizer stack (transformers 4.41.2, tokenizers 0.19.1; no torch) in a side venv: the
+# tokenizer tests compare against it in a subprocess (tests/oracles/tokenizers_441.py).
+oracle=${LLMGA_TOKENIZER_ORACLE_VENV:-$root/.venv-tok441}
+if [ ! -f "$oracle/.llmga-ready" ]; then
+  echo "[setup] creating the transformers 4.41 tokenizer oracle venv $oracle"
+  rm -rf "$oracle" && "$py" -m venv "$oracle"
+  "$oracle/bin/python" -m pip --disable-pip-version-check -q install transformers==4.41.2 tokenizers==0.19.1 \
+    sentencepiece==0.2.0 protobuf 2> >(grep -v "^WARNING: Location '" >&2)
+  touch "$oracle/.llmga-ready"
+fi
 # The frontend test drives the real ComfyUI frontend in Debian's headless Chromium via playwright-core.
 if [ ! -x /usr/bin/chromium ]; then
   echo "[setup] installing Debian's chromium"

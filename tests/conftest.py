@@ -31,3 +31,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def original_tokenizers():
+    """The original's tokenizer stack (transformers 4.41.2 in its own venv) answering over a pipe."""
+    from tests.oracles import OriginalTokenizers
+
+    oracle = OriginalTokenizers()
+    yield oracle
+    oracle.close()

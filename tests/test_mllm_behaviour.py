@@ -124,7 +124,7 @@ def test_template_override_changes_rendering_not_the_output_cut(root):
     assert reply.response == stored[:-10]  # still qwen_2's cut, as --conv-mode leaves it
 
 
-def test_prompt_cut_to_tokenizer_model_max_length_with_an_image(root, tmp_path):
+def test_prompt_cut_to_tokenizer_model_max_length_with_an_image(root, tmp_path, original_tokenizers):
     folder = tmp_path / RELEASED_NAMES["qwen2"]
     shutil.copytree(root / RELEASED_NAMES["qwen2"], folder)
     config = json.loads((folder / "config.json").read_text())
@@ -135,14 +135,14 @@ def test_prompt_cut_to_tokenizer_model_max_length_with_an_image(root, tmp_path):
     image = photo()
     reply = mllm.generate("Generate a similar image.", image=image, max_new_tokens=6)
     assert any("cut to the first 590" in note for note in reply.notes)
-    reference = Reference(folder, tower, "qwen2")
+    reference = Reference(folder, tower, "qwen2", original_tokenizers)
     prompt = literal_prompt("qwen2", [("<image>\nGenerate a similar image.", None)])
     assert reference.embeddings(prompt, image).shape[0] == 590
     assert reply.token_ids == reference.greedy(prompt, image, 6)
 
 
 # ----------------------------------------------------------------------------------- decoding control
-def test_seeded_sampling_matches_transformers_warpers(root, qwen):
+def test_seeded_sampling_matches_transformers_warpers(root, qwen, original_tokenizers):
     """Sampling = repetition penalty → temperature → top-k (folder: 20) → top-p → multinomial, seeded."""
     from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                               TopPLogitsWarper)
@@ -152,7 +152,7 @@ def test_seeded_sampling_matches_transformers_warpers(root, qwen):
     assert qwen.generate("Tell me a story.", temperature=0.9, seed=1234, max_new_tokens=10).token_ids == reply.token_ids
     assert qwen.generate("Tell me a story.", temperature=0.9, seed=99, max_new_tokens=10).token_ids != reply.token_ids
 
-    reference = Reference(folder, root / "clip-vit-large-patch14-336", "qwen2")
+    reference = Reference(folder, root / "clip-vit-large-patch14-336", "qwen2", original_tokenizers)
     prompt = literal_prompt("qwen2", [("Tell me a story.", None)])
     prefix = reference.embeddings(prompt, None)
     steps = [RepetitionPenaltyLogitsProcessor(1.1), TemperatureLogitsWarper(0.9), TopKLogitsWarper(20),
@@ -251,18 +251,19 @@ def test_half_precision_feeds_clip_float16_rounded_pixels(root):
     assert len(mllm.generate("", task="similar-image", image=photo(), max_new_tokens=3).token_ids) == 3
 
 
-def test_repetition_penalty_applies_in_greedy_decoding_to_generated_ids_only(root, qwen):
+def test_repetition_penalty_applies_in_greedy_decoding_to_generated_ids_only(root, qwen, original_tokenizers):
     """Quirk 8: the folder's repetition_penalty (1.1) counts in greedy decoding, over the new tokens alone (the
     prompt went in as embeddings)."""
     from transformers import RepetitionPenaltyLogitsProcessor
 
-    reference = Reference(root / RELEASED_NAMES["qwen2"], root / "clip-vit-large-patch14-336", "qwen2")
+    reference = Reference(root / RELEASED_NAMES["qwen2"], root / "clip-vit-large-patch14-336", "qwen2",
+                          original_tokenizers)
     prompt = literal_prompt("qwen2", [("a dog", None)])
     reply = qwen.generate("a dog", max_new_tokens=16)
     assert reply.token_ids == reference.greedy(prompt, None, 16)
     reference.penalty = 1.0
     assert reference.greedy(prompt, None, 16) != reply.token_ids  # the penalty changes this answer
-    prompt_ids = reference.tokenizer(prompt).input_ids
+    prompt_ids = reference.chunk_ids(prompt)[0]
     penalty = RepetitionPenaltyLogitsProcessor(1.1)
     prefix = reference.embeddings(prompt, None)
     ids: list[int] = []

@@ -24,8 +24,7 @@ from .loader import (FolderInfo, build_language_model, build_projector, checkpoi
                      load_vision_tower, load_weights, native_config, recognise, shrink_vocabulary)
 from .prompts import EDITING_FIRST_TURN, TASKS, parse_generation_prompt, user_text
 from .templates import TEMPLATES, cut_output
-from .tokenization import (IMAGE_TOKEN, IMAGE_TOKEN_INDEX, clean_up_spaces_flag, decode_answer, load_tokenizer,
-                           tokenizer_image_token)
+from .tokenization import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, decode_answer, load_tokenizer, tokenizer_image_token
 
 log = logging.getLogger("llmga.mllm")
 
@@ -50,9 +49,10 @@ QUIRKS = (
     "Vocabulary shrunk to len(tokenizer) as resize_token_embeddings did (Qwen2, Phi-3).",
     "Mistral/Qwen2 rotary cos/sin rounded through float16 (the original built them in float16 at load).",
     "Gemma: the spliced image features are scaled by sqrt(hidden) like the text embeddings.",
-    "Phi-3 tokenizer loaded with legacy=True (the original's ids); decode keeps special tokens and applies "
-    "transformers 4.41's space clean-up where the folder's clean_up_tokenization_spaces says so (True when unset; "
-    "Llama-3), which transformers 5 would skip for BPE tokenizers.",
+    "Tokenizers as transformers 4.41 built them (tokenization.py): slow SentencePiece for Vicuna/Llama-2 (one "
+    "U+FFFD per undecodable byte), tokenizer.json as saved for the fast families (BOS post-processor from "
+    "add_bos_token), 4.41's conversion without it; decode keeps special tokens and applies 4.41's space clean-up "
+    "where the folder's clean_up_tokenization_spaces (else the class default) says so.",
 )
 
 
@@ -108,7 +108,6 @@ class LLMGAMLLM:
         self.folder = info.folder
         self.dtype = next(modules.language_model.parameters()).dtype
         self._pixels = image_pixels
-        self._clean_up_spaces = clean_up_spaces_flag(info.folder)
         self._max_positions = info.config.get("tokenizer_model_max_length")
         self._select_layer = int(info.config.get("mm_vision_select_layer", -2))
         self._select_feature = info.config.get("mm_vision_select_feature", "patch")
@@ -192,7 +191,7 @@ class LLMGAMLLM:
         notes: list[str] = []
         embeds = self._input_embeddings(ids, pixels, notes)
         new_ids, hit_limit = self._decode(embeds, temperature, top_p, max_new_tokens, seed, counter)
-        stored = decode_answer(self.tokenizer, new_ids, self._clean_up_spaces)
+        stored = decode_answer(self.tokenizer, new_ids)
         response = cut_output(self.output_template, stored)
         caption, found = parse_generation_prompt(response)
         if hit_limit:
