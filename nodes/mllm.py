@@ -111,7 +111,9 @@ class LLMGAPromptGenerator(io.ComfyNode):
                 io.Combo.Input("task", options=list(TASKS), default="text-to-image",
                                tooltip="chat sends the instruction as it is; the other tasks phrase it as LLMGA was "
                                        "trained (text-to-image: your keywords; similar-image/inpainting/outpainting "
-                                       "need an image, the last two a mask; an empty instruction uses LLMGA's phrase)."),
+                                       "need an image, the last two a mask; an empty instruction uses LLMGA's phrase; "
+                                       "editing: the change to make to the image, giving the target caption as "
+                                       "prompt and the source caption as source_prompt)."),
                 io.String.Input("instruction", multiline=True, default="", dynamic_prompts=False,
                                 tooltip="Keywords or a request, e.g. 'a cat on a windowsill at dusk'."),
                 io.Image.Input("image", optional=True, tooltip="The image the assistant looks at (first of a batch)."),
@@ -129,9 +131,15 @@ class LLMGAPromptGenerator(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
             ],
             outputs=[
-                io.String.Output(display_name="prompt", tooltip="The caption from <gen_image>…</gen_image>."),
+                io.String.Output(display_name="prompt",
+                                 tooltip="The caption from <gen_image>…</gen_image> (editing: the target caption); "
+                                         "the whole answer when there is no tag."),
                 io.String.Output(display_name="response", tooltip="The whole answer."),
                 ConversationType.Output(display_name="conversation"),
+                # appended last: saved workflows link outputs by index
+                io.String.Output(display_name="source_prompt",
+                                 tooltip="editing: the caption of the first turn, the source image described (prompt "
+                                         "is the target); other tasks: empty."),
             ],
         )
 
@@ -139,7 +147,9 @@ class LLMGAPromptGenerator(io.ComfyNode):
     def execute(cls, mllm, task: str, instruction: str, image=None, mask=None, conversation=None,
                 temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 512,
                 seed: int = 0) -> io.NodeOutput:
-        user_text(task, instruction)  # a bad instruction fails here, before the model moves to the GPU
+        # bad input fails here, before the model moves to the GPU
+        user_text(task, instruction)
+        check_image_inputs(task, image, mask, conversation)
         notes = []
         pil_like = None
         if image is not None:
@@ -164,8 +174,29 @@ class LLMGAPromptGenerator(io.ComfyNode):
         notes.extend(reply.notes)
         for note in notes:
             log.warning("LLMGA Prompt Generator: %s", note)
-        shown = reply.prompt if not notes else reply.prompt + "\n\n[" + " ".join(notes) + "]"
-        return io.NodeOutput(reply.prompt, reply.response, reply.conversation, ui=ui.PreviewText(shown))
+        source = reply.source_prompt if reply.source_prompt is not None else ""
+        shown = reply.prompt if task != "editing" else reply.prompt + "\n\nsource: " + source
+        if notes:
+            shown += "\n\n[" + " ".join(notes) + "]"
+        return io.NodeOutput(reply.prompt, reply.response, reply.conversation, source, ui=ui.PreviewText(shown))
+
+
+def check_image_inputs(task: str, image, mask, conversation) -> None:
+    """The image/mask/conversation checks of the library that need no model, so they fail before it loads."""
+    if task == "editing":
+        if image is None:
+            raise ValueError("The editing task needs the image to edit; connect it to the image input.")
+        if conversation is not None:
+            raise ValueError("The editing task starts a new conversation, so disconnect the conversation input "
+                             "(or use the chat task to continue one).")
+    if image is None and mask is not None:
+        raise ValueError("A mask was given without its image; connect the image together with the mask.")
+    has_image = image is not None or (conversation is not None and getattr(conversation, "has_image", False))
+    if task in ("similar-image", "inpainting", "outpainting") and not has_image:
+        extra = " and a mask" if task != "similar-image" else ""
+        raise ValueError(f"The {task} task needs an image{extra}; connect one to the image input.")
+    if task in ("inpainting", "outpainting") and image is not None and mask is None:
+        raise ValueError(f"The {task} task needs a mask (white = the region to generate) with the image.")
 
 
 NODES = [LLMGAMLLMLoader, LLMGAPromptGenerator]

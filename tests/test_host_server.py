@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.host import REPO, ComfyServer
-from tests.workflow_format import ui_to_api
+from tests.workflow_format import render_ui, ui_to_api
 
 WORKFLOWS = REPO / "workflows"
 API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.json"))
@@ -27,6 +27,9 @@ MLLM_FAMILIES = {  # released folder names used by the shipped workflows -> fixt
 }
 SD_KINDS = {"llmga-sd15-t2i-v2": "sd15", "llmga-sdxl-t2i": "sdxl",
             "llmga-sd15-inpainting-v2": "sd15-inpaint", "llmga-sdxl-inpainting-v2": "sdxl-inpaint"}
+
+
+SIMILAR_IMAGE = "llmga_similar_example.png"  # what the similar-image workflows load
 
 
 def small_run(workflow: dict) -> dict:
@@ -64,6 +67,8 @@ def write_input_images(input_dir: Path) -> None:
     input_dir.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgba, "RGBA").save(input_dir / "llmga_inpaint_example.png")
     Image.fromarray(rgba[:, :, :3], "RGB").save(input_dir / "llmga_outpaint_example.png")
+    # not square, so the MLLM's stretch to a square is exercised
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3)).astype("uint8"), "RGB").save(input_dir / SIMILAR_IMAGE)
 
 
 @pytest.fixture(scope="module")
@@ -132,18 +137,62 @@ def test_api_workflow_runs_to_an_image(server, models_base, path):
         assert entry["outputs"][nid]["text"], "the prompt is shown on the node"
 
 
-def test_prompt_generator_matches_the_library(server, models_base):
-    """The server's greedy prompt for a workflow equals llmga_core's on the same folder."""
+def library_mllm(models_base, name):
     from llmga_core.mllm import load_mllm
 
+    return load_mllm(models_base / "models" / "LLM" / name,
+                     vision_tower=models_base / "models" / "clip_vision" / "clip-vit-large-patch14-336",
+                     dtype=__import__("torch").float32)
+
+
+def shown_text(reply) -> str:
+    """What the node shows for a library reply: the prompt, then the notes in brackets."""
+    return reply.prompt + ("\n\n[" + " ".join(reply.notes) + "]" if reply.notes else "")
+
+
+def test_prompt_generator_matches_the_library(server, models_base):
+    """The server's greedy prompt for a workflow equals llmga_core's on the same folder."""
     workflow = small_run(json.loads((WORKFLOWS / "api" / "llmga_t2i_sd15.json").read_text()))
     entry = server.run(workflow)
     shown = entry["outputs"]["2"]["text"][0]
-    mllm = load_mllm(models_base / "models" / "LLM" / workflow["1"]["inputs"]["model_name"],
-                     vision_tower=models_base / "models" / "clip_vision" / "clip-vit-large-patch14-336",
-                     dtype=__import__("torch").float32)
+    mllm = library_mllm(models_base, workflow["1"]["inputs"]["model_name"])
     reply = mllm.generate(workflow["2"]["inputs"]["instruction"], task="text-to-image", max_new_tokens=12)
     assert shown.startswith(reply.prompt)
+
+
+def test_dialogue_workflow_equals_one_library_conversation(server, models_base):
+    """The three chained Prompt Generators of the dialogue workflow show, turn by turn, the prompts of
+    one three-turn conversation in llmga_core, and the last one is what gets rendered."""
+    workflow = small_run(json.loads((WORKFLOWS / "api" / "llmga_dialogue_sd15.json").read_text()))
+    turns = ["2", "3", "4"]
+    assert [workflow[t]["inputs"].get("conversation") for t in turns] == [None, ["2", 2], ["3", 2]]
+    assert workflow["6"]["inputs"]["text"] == ["4", 0]
+    entry = server.run(workflow)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    mllm = library_mllm(models_base, workflow["1"]["inputs"]["model_name"])
+    conversation = None
+    for t in turns:
+        inputs = workflow[t]["inputs"]
+        reply = mllm.generate(inputs["instruction"], task=inputs["task"], conversation=conversation,
+                              max_new_tokens=inputs["max_new_tokens"])
+        conversation = reply.conversation
+        assert entry["outputs"][t]["text"] == [shown_text(reply)], f"turn of node {t}"
+    assert conversation.turns == 3
+
+
+@pytest.mark.parametrize("name", ["llmga_similar_sd15", "llmga_similar_sdxl"])
+def test_similar_image_workflow_prompt_matches_the_library(server, models_base, name):
+    """The prompt the server writes for the loaded picture equals llmga_core's for the same PNG."""
+    from PIL import Image
+
+    workflow = small_run(json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()))
+    assert workflow["1"]["inputs"]["image"] == SIMILAR_IMAGE and workflow["3"]["inputs"]["image"] == ["1", 0]
+    entry = server.run(workflow)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    mllm = library_mllm(models_base, workflow["2"]["inputs"]["model_name"])
+    reply = mllm.generate("", task="similar-image", image=Image.open(models_base / "input" / SIMILAR_IMAGE),
+                          max_new_tokens=workflow["3"]["inputs"]["max_new_tokens"])
+    assert entry["outputs"]["3"]["text"] == [shown_text(reply)]
 
 
 def test_bad_input_is_one_clear_error_and_the_server_keeps_serving(server):
@@ -185,6 +234,22 @@ def test_ui_workflow_equals_its_api_twin(object_info, path):
 
 def test_every_api_workflow_has_a_ui_twin():
     assert {p.name for p in API_WORKFLOWS} == {p.name for p in UI_WORKFLOWS}
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
+def test_ui_workflow_is_generated_from_its_api_twin(object_info, path):
+    """The UI file is what `python -m tests.workflow_format` writes for the current nodes (every output
+    socket, e.g. a newly appended one, is in it)."""
+    assert path.read_text() == render_ui(WORKFLOWS / "api" / path.name, object_info), \
+        f"{path.name} is out of date; run `.venv/bin/python -m tests.workflow_format`"
+
+
+def test_ui_workflows_are_in_the_template_browser(server):
+    """ComfyUI lists the pack's workflows/ folder under the pack's name and serves each file."""
+    listed = server.get("/workflow_templates")
+    assert sorted(listed["comfyui-llmga"]) == sorted(p.stem for p in UI_WORKFLOWS)  # not the api/ twins
+    for path in UI_WORKFLOWS:
+        assert server.get(f"/api/workflow_templates/comfyui-llmga/{path.name}") == json.loads(path.read_text())
 
 
 def test_run_workflow_command_writes_images_and_prompt(server, tmp_path):

@@ -4,11 +4,20 @@ The UI workflows in workflows/ are what users drag into ComfyUI; their API twins
 what scripts queue. Tests convert each UI workflow to API format the way the frontend maps widgets
 (positional widgets_values, an extra value after inputs with control_after_generate, links win over
 widget values) and require it to equal the shipped twin, so the two can never drift apart.
-`api_to_ui` wrote the first versions of the UI files.
+The UI files are generated from the API twins by `api_to_ui`; after editing a twin or a node's inputs or
+outputs, regenerate them (a real host is started for /object_info):
+
+    .venv/bin/python -m tests.workflow_format          # rewrite workflows/*.json from workflows/api/
+    .venv/bin/python -m tests.workflow_format --check  # exit 1 if any is out of date
 """
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+import tempfile
 import uuid
+from pathlib import Path
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -64,8 +73,9 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     return api
 
 
-def api_to_ui(api: dict, object_info: dict, positions: dict | None = None) -> dict:
-    """A LiteGraph workflow with the same graph; nodes laid out left to right by dependency depth."""
+def api_to_ui(api: dict, object_info: dict, positions: dict | None = None, name: str | None = None) -> dict:
+    """A LiteGraph workflow with the same graph; nodes laid out left to right by dependency depth.
+    `name` (the file stem) makes the workflow id unique; without it the id derives from the node ids."""
     depth = {}
 
     def node_depth(nid):
@@ -131,7 +141,46 @@ def api_to_ui(api: dict, object_info: dict, positions: dict | None = None) -> di
             ui_node["outputs"].append({"name": name, "type": kind,
                                        "links": out_links.get((str(ui_node["id"]), slot), []),
                                        "slot_index": slot})
-    return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, repr(sorted(api)))), "revision": 0,
+    seed = "llmga-workflow:" + name if name else repr(sorted(api))
+    return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, seed)), "revision": 0,
             "last_node_id": max(int(n) for n in api), "last_link_id": link_id, "nodes": nodes,
             "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
             "version": 0.4}
+
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+
+
+def render_ui(api_path: Path, object_info: dict) -> str:
+    """The UI twin's file text for an API workflow, as shipped (2-space JSON, no final newline)."""
+    return json.dumps(api_to_ui(json.loads(api_path.read_text()), object_info, name=api_path.stem), indent=2)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Generate workflows/*.json from their API twins in workflows/api/.")
+    parser.add_argument("--check", action="store_true", help="only report UI files that differ; exit 1 if any")
+    args = parser.parse_args(argv)
+    from .host import ComfyServer
+
+    with tempfile.TemporaryDirectory() as base:
+        server = ComfyServer(Path(base)).start()
+        try:
+            object_info = server.get("/object_info")
+        finally:
+            server.stop()
+    stale = []
+    for api_path in sorted((WORKFLOWS / "api").glob("*.json")):
+        ui_path = WORKFLOWS / api_path.name
+        text = render_ui(api_path, object_info)
+        if ui_path.is_file() and ui_path.read_text() == text:
+            continue
+        stale.append(ui_path.name)
+        if not args.check:
+            ui_path.write_text(text)
+    verb = "out of date" if args.check else "written"
+    print(f"{verb}: {', '.join(stale)}" if stale else "all UI workflows match their API twins")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
