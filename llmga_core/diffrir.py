@@ -40,6 +40,7 @@ __all__ = [
     "DiffRIRS2",
     "load_diffrir",
     "restore",
+    "empty_masks",
     "check_inputs",
     "pack_input",
     "estimate_memory",
@@ -905,6 +906,12 @@ class _Stream:
 # ----------------------------------------------------------------------------- restore
 
 
+def empty_masks(mask: torch.Tensor) -> list[int]:
+    """Indices of the images whose B×1×H×W mask marks no pixel as regenerated (none ≥ 0.5);
+    `restore` returns their reference unchanged."""
+    return [b for b in range(mask.shape[0]) if not bool((mask[b] >= 0.5).any())]
+
+
 def restore(net: DiffRIRS2, generated: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, *,
             noise: Optional[torch.Tensor] = None, seed: int = 0, tile_size: Optional[int] = None,
             composite: bool = True, progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
@@ -931,6 +938,7 @@ def restore(net: DiffRIRS2, generated: torch.Tensor, reference: torch.Tensor, ma
     if noise is None:
         noise = torch.randn(batch, net.config.prior_dim, generator=torch.Generator().manual_seed(seed))
     regenerated = mask >= 0.5
+    empty = set(empty_masks(mask)) if composite else set()
     H, W = reference.shape[-2:]
     m = PAD_MULTIPLE[net.scale]
     padded_in = (math.ceil(H // net.scale / m) * m, math.ceil(W // net.scale / m) * m)
@@ -948,7 +956,7 @@ def restore(net: DiffRIRS2, generated: torch.Tensor, reference: torch.Tensor, ma
     with torch.inference_mode():
         for b in range(batch):
             ref = reference[b:b + 1]
-            if composite and not bool(regenerated[b].any()):
+            if b in empty:
                 results.append(ref.clone())
                 tick(per_image)
                 continue

@@ -131,6 +131,7 @@ class EncodingRecipe:
     whole_chunks: bool            # True: 77·n (every chunk keeps BOS/EOS); False: 75·n+2
     pooled: bool                  # SDXL: CLIP-G text_embeds of the last chunk
     zero_empty_negative: bool     # SDXL force_zeros_for_empty_prompt
+    shared_chunk_count: bool      # SD1.5: the negative gets the prompt's chunk count (lpw); SDXL: each its own
 
     @property
     def max_tokens(self) -> int:
@@ -154,13 +155,15 @@ def recipe_for(pipeline: str, layout: str = "inference") -> EncodingRecipe:
                          f"or 'training' (how stage 2 encoded captions).")
     if pipeline.startswith("sdxl"):
         return EncodingRecipe(pipeline, layout, ("l", "g"), max_chunks=4, parse_weights=False,
-                              whole_chunks=False, pooled=True, zero_empty_negative=True)
+                              whole_chunks=False, pooled=True, zero_empty_negative=True,
+                              shared_chunk_count=False)
     if layout == "training":
         return EncodingRecipe(pipeline, layout, ("l",), max_chunks=4, parse_weights=False,
-                              whole_chunks=False, pooled=False, zero_empty_negative=False)
+                              whole_chunks=False, pooled=False, zero_empty_negative=False,
+                              shared_chunk_count=True)
     return EncodingRecipe(pipeline, layout, ("l",), max_chunks=3 if pipeline == "sd15" else 4,
                           parse_weights=True, whole_chunks=True, pooled=False,
-                          zero_empty_negative=False)
+                          zero_empty_negative=False, shared_chunk_count=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,11 +255,12 @@ def _warn_truncated(what: str, token_count: int, kept: int, recipe: EncodingReci
 
 def plan_prompts(prompt: str, negative_prompt: str | None, *, tokenizers: dict[str, TokenizerSpec],
                  recipe: EncodingRecipe) -> tuple[PromptChunks, PromptChunks | None]:
-    """Chunk ids for the prompt and the negative (None = SDXL zeros), sharing one chunk count.
+    """Chunk ids for the prompt and the negative (None = SDXL zeros).
 
-    The negative defaults to "" (lpw's default). Sharing n is what lpw does for SD1.5; for SDXL it
-    only matters when a non-empty negative is given (no LLMGA path does that) and matches the
-    batch padding LLMGA's training applied. Cut prompts raise PromptTruncatedWarning.
+    The negative defaults to "" (lpw's default). SD1.5 gives both the longer one's chunk count, as
+    lpw does (and as training's batch padding did). SDXL plans each on its own, as LLMGA's SDXL
+    encoder does (own chunk count, EOS and pooled chunk), so the prompt's ids never depend on the
+    negative. Cut prompts raise PromptTruncatedWarning.
     """
     for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
         if text is not None and not isinstance(text, str):
@@ -279,10 +283,11 @@ def plan_prompts(prompt: str, negative_prompt: str | None, *, tokenizers: dict[s
     def kept_length(what: str) -> int:
         return min(recipe.max_tokens, max(len(ids) for ids, _ in tokenized[what].values()))
 
-    n_chunks = chunk_count(max(kept_length(what) for what in texts), recipe.max_chunks)
+    shared = chunk_count(max(kept_length(what) for what in texts), recipe.max_chunks)
 
     plans: dict[str, PromptChunks] = {}
     for what in texts:
+        n_chunks = shared if recipe.shared_chunk_count else chunk_count(kept_length(what), recipe.max_chunks)
         token_count = max(len(ids) for ids, _ in tokenized[what].values())
         if token_count > recipe.max_tokens:
             _warn_truncated(what, token_count, recipe.max_tokens, recipe)
@@ -426,11 +431,15 @@ def encode_prompt(prompt: str, negative_prompt: str | None = None, *, tokenizers
     layout: "inference" (default) is what LLMGA's generation code gives; for SD1.5 that is the
     lpw encoding: A1111 weights, every chunk whole (77·n). "training" is the SD1.5 stage-2 layout:
     raw text, cap 300, 75·n+2 with inner BOS/EOS dropped. SDXL has one layout (75·n+2, penultimate
-    layers, pooled from the last chunk, zeros for a None or "" negative).
+    layers, pooled from the last chunk, zeros for a None or "" negative; a non-empty negative is
+    encoded on its own, with its own chunk count, exactly as the prompt would be).
 
     Returns {"prompt_embeds", "negative_prompt_embeds"} plus, for SDXL, {"pooled_prompt_embeds",
     "negative_pooled_prompt_embeds"}, so `pipe(**embeds)` works. A prompt over the cap is cut and
-    a PromptTruncatedWarning gives its token count.
+    a PromptTruncatedWarning gives its token count. An SDXL negative with another chunk count
+    (⌈tokens/75⌉) than the prompt gives embeddings of another length, which diffusers' pipelines
+    cannot concatenate for guidance, so write the negative with the prompt's chunk count or run the
+    two guidance halves through the UNet separately (as ComfyUI does); the prompt is never padded.
     """
     recipe = recipe_for(pipeline, layout)
     tokenizer_list = _as_list(tokenizers, "tokenizers")

@@ -16,7 +16,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..llmga_core.diffrir import MIN_TILE_SIZE, check_inputs, estimate_memory, load_diffrir, restore
+from ..llmga_core.diffrir import MIN_TILE_SIZE, check_inputs, empty_masks, estimate_memory, load_diffrir, restore
 from .paths import DIFFRIR_FOLDER, register_model_folders, resolve_model_path
 
 register_model_folders()  # idempotent; lets the combo list models/diffrir even if imported alone
@@ -58,7 +58,8 @@ class DiffRIRRestore(io.ComfyNode):
             display_name="DiffRIR Restore (Inpaint Seams)",
             category="LLMGA/restoration",
             description="Removes texture, brightness and contrast differences between the regenerated region "
-                        "and the preserved pixels, which come back exactly as in the reference.",
+                        "and the preserved pixels, which come back exactly as in the reference; an image whose "
+                        "mask is empty comes back as the reference, and the node says so.",
             inputs=[
                 DiffRIRModel.Input("diffrir_model"),
                 io.Image.Input("image", tooltip="The generated (inpainted or outpainted) image. For an x2 or x4 "
@@ -93,20 +94,21 @@ class DiffRIRRestore(io.ComfyNode):
         tile = tile_size if tile_size > 0 else None
         check_inputs(net, generated, original, mask, tile_size=tile)
 
-        empty = [b for b in range(batch) if not bool((mask[b] >= 0.5).any())]
+        # restore returns the reference for an empty mask; with nothing else to do the network is not loaded
+        empty = empty_masks(mask)
         if len(empty) < batch:
             restored = cls._restore(net, generated, original, mask, seed, tile)
         else:
-            restored = original.clone()
+            restored = restore(net, generated, original, mask, seed=seed, tile_size=tile)
         note = None
         if empty:
             numbers = ", ".join(str(b + 1) for b in empty)
-            if net.scale == 1:  # the image itself can come back unchanged
-                restored[empty] = generated[empty].to(restored.dtype)
-                kept = "returned unchanged"
+            if len(empty) == 1:
+                note = (f"DiffRIR: the mask of image {numbers} is empty, so nothing was restored there; "
+                        f"it is returned as the reference.")
             else:
-                kept = "returned as the reference (the generated image is smaller than the output)"
-            note = f"DiffRIR: the mask of image {numbers} is empty, so nothing was restored there; it is {kept}."
+                note = (f"DiffRIR: the masks of images {numbers} are empty, so nothing was restored there; "
+                        f"they are returned as the references.")
             logging.info(note)
         out = restored.movedim(1, -1).to(model_management.intermediate_device())
         return io.NodeOutput(out, ui=ui.PreviewText(note) if note else None)

@@ -109,7 +109,9 @@ class LLMGALongCLIPTextEncode(io.ComfyNode):
                 io.String.Input("negative_text", display_name="negative", multiline=True, default="",
                                 dynamic_prompts=False, optional=True,
                                 tooltip="Negative prompt. Empty is LLMGA's default: for SD1.5 the empty prompt "
-                                        "padded to the positive's chunk count, for SDXL all zeros."),
+                                        "padded to the positive's chunk count, for SDXL all zeros. A non-empty "
+                                        "SDXL negative is encoded on its own, so its length may differ from the "
+                                        "positive's (the sampler handles that)."),
                 io.Combo.Input("layout", options=["inference", "training"], default="inference", optional=True,
                                tooltip="SD1.5 only. inference: what LLMGA's generation code gives (weights "
                                        "parsed, 77 per chunk). training: how stage 2 encoded captions (raw "

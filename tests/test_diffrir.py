@@ -506,23 +506,43 @@ def test_loader_and_restore_nodes(comfy_inprocess, node_module, model_folder):
     assert torch.equal(single.result[0], expected.movedim(1, -1))
 
 
-def test_restore_node_with_an_empty_mask_says_so(comfy_inprocess, node_module, model_folder):
+def test_restore_node_with_an_empty_mask_returns_the_reference_and_says_so(comfy_inprocess, node_module,
+                                                                          model_folder, weights):
     net1 = node_module.DiffRIRLoader.execute("tiny_x1.pth").result[0]
     generated, reference, mask = images(1, 64, 96, batch=2)
-    mask[1] = 0  # the second image has nothing regenerated
+    mask[1] = 0.3  # the second image has nothing regenerated (every value below 0.5)
+    assert not torch.equal(generated[1], reference[1])  # so returning the generated image would fail
     out = node_module.DiffRIRRestore.execute(net1, generated.movedim(1, -1), reference.movedim(1, -1), mask[:, 0],
                                              seed=0, tile_size=512)
-    assert torch.equal(out.result[0][1], generated[1].movedim(0, -1))  # x1: the image comes back unchanged
-    assert torch.equal(out.result[0][0], restore(net1, generated, reference, mask, tile_size=512)[0].movedim(0, -1))
+    result = out.result[0].movedim(-1, 1)
+    assert torch.equal(result[1], reference[1])
+    # the plain forward of the original composites (mask < 0.5 keeps the reference): the same image
+    z = torch.randn(2, PRIOR, generator=torch.Generator().manual_seed(0))
+    expected = reference_forward(state_of(weights[1]), 1, generated, reference, mask, z)
+    assert torch.equal(expected[1], reference[1])
+    assert (result[0] - expected[0]).abs().max().item() < 1e-4
     assert out.ui.as_dict() == {"text": ("DiffRIR: the mask of image 2 is empty, so nothing was restored there; "
-                                         "it is returned unchanged.",)}
+                                         "it is returned as the reference.",)}
+
+    # every mask empty: the references come back and the network never runs
+    calls = []
+    hook = net1.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        out = node_module.DiffRIRRestore.execute(net1, generated.movedim(1, -1), reference.movedim(1, -1),
+                                                 torch.zeros(64, 96), seed=0, tile_size=0)
+    finally:
+        hook.remove()
+    assert torch.equal(out.result[0], reference.movedim(1, -1)) and calls == []
+    assert out.ui.as_dict()["text"] == ("DiffRIR: the masks of images 1, 2 are empty, so nothing was restored "
+                                        "there; they are returned as the references.",)
 
     net2 = node_module.DiffRIRLoader.execute("tiny_x2.safetensors").result[0]
     generated, reference, _ = images(2, 64, 96)
     out = node_module.DiffRIRRestore.execute(net2, generated.movedim(1, -1), reference.movedim(1, -1),
                                              torch.zeros(64, 96), seed=0, tile_size=0)
     assert torch.equal(out.result[0], reference.movedim(1, -1))
-    assert "returned as the reference" in out.ui.as_dict()["text"][0]
+    assert out.ui.as_dict()["text"] == ("DiffRIR: the mask of image 1 is empty, so nothing was restored there; "
+                                        "it is returned as the reference.",)
 
 
 def test_restore_node_errors_before_work(comfy_inprocess, node_module, model_folder):

@@ -215,10 +215,26 @@ def test_chunk_count_is_ceil_of_tokens_over_75(n_tokens, n_chunks):
         assert flat == [CAT] * n_tokens + [EOS] * (75 * n_chunks - n_tokens)
 
 
-def test_longer_negative_sets_the_chunk_count():
-    pos, neg = plan("cat", "cat " * 160, "sd15")
+@pytest.mark.parametrize("pipeline,layout", [("sd15", "inference"), ("sd15-inpaint", "inference"),
+                                             ("sd15", "training")])
+def test_sd15_longer_negative_sets_the_chunk_count(pipeline, layout):
+    # lpw pads both to the longer one's chunk count (training's batch padding did the same)
+    pos, neg = plan("cat", "cat " * 160, pipeline, layout)
     assert pos.n_chunks == neg.n_chunks == 3
-    assert pos.chunks["l"][1] == [BOS] + [EOS] * 76
+    assert pos.chunks["l"] == [[BOS, CAT] + [EOS] * 75] + [[BOS] + [EOS] * 76] * 2
+
+
+@pytest.mark.parametrize("pipeline", ["sdxl", "sdxl-inpaint"])
+@pytest.mark.parametrize("negative_tokens", [5, 160])
+def test_sdxl_negative_is_planned_on_its_own(pipeline, negative_tokens):
+    pos, neg = plan("cat " * 80, "cat " * negative_tokens, pipeline)
+    alone, _ = plan("cat " * 80, None, pipeline)
+    assert pos.chunks == alone.chunks
+    assert pos.chunks["g"] == [[BOS] + [CAT] * 75 + [EOS], [BOS] + [CAT] * 5 + [0] * 70 + [EOS]]
+    # the negative's own chunk count, its text then pads, EOS at 76 of its own last chunk
+    full, rest = divmod(negative_tokens, 75)
+    assert neg.chunks["l"] == [[BOS] + [CAT] * 75 + [EOS]] * full + [[BOS] + [CAT] * rest + [EOS] * (76 - rest)]
+    assert neg.chunks["g"] == [[BOS] + [CAT] * 75 + [EOS]] * full + [[BOS] + [CAT] * rest + [0] * (75 - rest) + [EOS]]
 
 
 @pytest.mark.parametrize("pipeline,n_tokens,kept,chunks", [
@@ -379,11 +395,28 @@ def test_sdxl_pooled_is_last_chunk_position_76(tiny):
     assert out["prompt_embeds"].shape == (1, 227, 64)
 
 
-def test_sdxl_nonempty_negative_is_encoded_with_shared_chunks(tiny):
-    out = encode_prompt(words(100), "blurry", tokenizers=[tiny.tokenizer, tiny.tokenizer_2],
-                        text_encoders=[tiny.text_encoder, tiny.text_encoder_2], pipeline="sdxl")
-    assert out["negative_prompt_embeds"].shape == out["prompt_embeds"].shape == (1, 152, 64)
-    assert torch.count_nonzero(out["negative_pooled_prompt_embeds"]) > 0
+def sdxl_encode(tiny, text, negative=None, pipeline="sdxl"):
+    return encode_prompt(text, negative, tokenizers=[tiny.tokenizer, tiny.tokenizer_2],
+                         text_encoders=[tiny.text_encoder, tiny.text_encoder_2], pipeline=pipeline)
+
+
+@pytest.mark.parametrize("pipeline", ["sdxl", "sdxl-inpaint"])
+@pytest.mark.parametrize("text_tokens,negative_tokens,chunks", [(160, 5, (3, 1)), (20, 230, (1, 4)),
+                                                                (100, 140, (2, 2))])
+def test_sdxl_negative_is_encoded_on_its_own(tiny, pipeline, text_tokens, negative_tokens, chunks):
+    """LLMGA's SDXL encoder encodes the prompt and a negative each on its own (reference §6)."""
+    text, negative = "a photo, " + words(text_tokens), "blurry, low quality, " + words(negative_tokens)
+    out = sdxl_encode(tiny, text, negative, pipeline)
+    alone = sdxl_encode(tiny, text, None, pipeline)
+    assert torch.equal(out["prompt_embeds"], alone["prompt_embeds"])
+    assert torch.equal(out["pooled_prompt_embeds"], alone["pooled_prompt_embeds"])
+    for source, n, embeds, pooled in ((text, chunks[0], "prompt_embeds", "pooled_prompt_embeds"),
+                                      (negative, chunks[1], "negative_prompt_embeds", "negative_pooled_prompt_embeds")):
+        assert math.ceil(len(content_ids(tiny.tokenizer, source)) / 75) == n
+        assert out[embeds].shape == (1, 75 * n + 2 if n > 1 else 77, 64)
+        ref_hidden, ref_pooled = sdxl_reference(source, tiny)
+        close(out[embeds], ref_hidden)
+        close(out[pooled], ref_pooled)
 
 
 def test_bad_arguments_are_refused_with_one_sentence(tiny):
@@ -436,5 +469,11 @@ def test_embeds_drive_a_diffusers_pipeline(tiny):
                                      scheduler=sched)
     embeds = encode_prompt(text, tokenizers=[tiny.tokenizer, tiny.tokenizer_2],
                            text_encoders=[tiny.text_encoder, tiny.text_encoder_2], pipeline="sdxl")
+    latents = pipe(**embeds, num_inference_steps=1, height=32, width=32, output_type="latent").images
+    assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
+
+    # what the docstring tells diffusers users: a negative with the prompt's chunk count batches for CFG
+    embeds = sdxl_encode(tiny, text, "blurry, " + words(100))
+    assert embeds["negative_prompt_embeds"].shape == embeds["prompt_embeds"].shape == (1, 152, 64)
     latents = pipe(**embeds, num_inference_steps=1, height=32, width=32, output_type="latent").images
     assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()

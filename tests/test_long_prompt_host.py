@@ -220,3 +220,74 @@ def test_other_clip_families_are_refused(node, tiny):
     with pytest.raises(ValueError, match="needs an SD1.5 CLIP .CLIP-L. or an SDXL CLIP .CLIP-L . CLIP-G., but the "
                                          "connected CLIP is SD2ClipModel"):
         encode(node, sd2, "x")
+
+
+@pytest.mark.parametrize("pipeline", ["sdxl", "sdxl-inpaint"])
+@pytest.mark.parametrize("text_tokens,negative_tokens", [(160, 3), (10, 200)])
+def test_sdxl_negative_is_encoded_on_its_own(node, clips, tiny, pipeline, text_tokens, negative_tokens):
+    """Positive and negative keep their own lengths, EOS and pooled chunk (reference §6); the host batches them."""
+    text, negative = words(text_tokens), "blurry, " + words(negative_tokens)
+    (pos, pos_extra), (neg, neg_extra) = encode(node, clips["sdxl"], text, pipeline=pipeline, negative_text=negative)
+    (alone, alone_extra), _ = encode(node, clips["sdxl"], text, pipeline=pipeline)
+    assert torch.equal(pos, alone) and torch.equal(pos_extra["pooled_output"], alone_extra["pooled_output"])
+    for cond, extra, source in ((pos, pos_extra, text), (neg, neg_extra, negative)):
+        ref_hidden, ref_pooled = sdxl_reference(source, tiny)
+        close(cond, ref_hidden)
+        close(extra["pooled_output"], ref_pooled)
+    assert (pos.shape[1], neg.shape[1]) == ((227, 77) if text_tokens > negative_tokens else (77, 227))
+
+
+def test_sdxl_samples_with_a_long_positive_and_a_short_negative(llmga_pack, tmp_path):
+    """A real KSampler run (euler, 1 step, CFG 5) on a tiny SDXL checkpoint with conds of 227 and 77 rows
+    equals classifier-free guidance computed with diffusers' UNet on each conditioning separately."""
+    import nodes as host_nodes
+
+    from tests.fixtures.tiny_clip import TinyClip
+    from tests.fixtures.tiny_sd import build_pipeline, make_sd_folder
+
+    checkpoints = importlib.import_module(llmga_pack.__name__ + ".nodes.checkpoints")
+    model, clip, _ = checkpoints.load_sd_folder(make_sd_folder(tmp_path, "sdxl"), unet_dtype=torch.float32,
+                                                clip_dtype=torch.float32)
+    node = importlib.import_module(llmga_pack.__name__ + ".nodes.long_prompt").LLMGALongCLIPTextEncode
+    text, negative = words(160), "blurry, ugly"
+    positive, negative_cond = node.execute(clip=clip, text=text, pipeline="sdxl", negative_text=negative).args
+    assert (positive[0][0].shape[1], negative_cond[0][0].shape[1]) == (227, 77)
+
+    contexts = []
+
+    def record(apply_model, args):
+        contexts.append(args["c"]["c_crossattn"].shape[1])
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    patched = model.clone()
+    patched.set_model_unet_function_wrapper(record)
+    seed, cfg = 3, 5.0
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    samples = host_nodes.common_ksampler(patched, seed, 1, cfg, "euler", "simple", positive, negative_cond,
+                                         latent)[0]["samples"]
+    # 227 and 77 rows cannot be repeated to one length within the host's 4x limit: two UNet calls
+    assert sorted(contexts) == [77, 227]
+
+    # independent: the same weights in diffusers, LLMGA's encoding written out, the Euler step by hand
+    pipe = build_pipeline("sdxl", seed=0)
+    ref = TinyClip(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+    sigma = float(((1 - alphas_cumprod[-1]) / alphas_cumprod[-1]) ** 0.5)   # simple, 1 step: t = 999 -> 0
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    x = noise * (1 + sigma ** 2) ** 0.5           # full denoise starts at sigma_max
+    time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]])   # (H, W, 0, 0, H, W) of the latent
+
+    def eps(source):
+        hidden, pooled = sdxl_reference(source, ref)
+        with torch.no_grad():
+            return pipe.unet(x / (1 + sigma ** 2) ** 0.5, 999, encoder_hidden_states=hidden,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+    eps_pos, eps_neg = eps(text), eps(negative)
+    assert (eps_pos - eps_neg).abs().max() > 1e-2   # the negative matters, so the check can see it
+    guided = eps_neg + cfg * (eps_pos - eps_neg)
+    # one Euler step to sigma 0 lands on the denoised latent x - sigma·guided; compare on the ε scale
+    host_guided = (x - samples * pipe.vae.config.scaling_factor) / sigma
+    assert samples.shape == (1, 4, 16, 16)
+    assert (host_guided - guided).abs().max().item() < 1e-4
