@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.host import REPO, ComfyServer
 from tests.workflow_format import render_ui, ui_to_api
@@ -19,7 +20,7 @@ WORKFLOWS = REPO / "workflows"
 API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.json"))
 UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 PACK_NODES = {"LLMGAMLLMLoader", "LLMGAPromptGenerator", "LLMGALongCLIPTextEncode", "LLMGACheckpointLoader",
-              "DiffRIRLoader", "DiffRIRRestore"}
+              "DiffRIRLoader", "DiffRIRRestore", "LLMGAEdit"}
 MLLM_FAMILIES = {  # released folder names used by the shipped workflows -> fixture family
     "llmga-vicuna-7b-v1.5-full-finetune": "vicuna",
     "llmga-llama3-8b-it-full-finetune": "llama3",
@@ -30,6 +31,8 @@ SD_KINDS = {"llmga-sd15-t2i-v2": "sd15", "llmga-sdxl-t2i": "sdxl",
 
 
 SIMILAR_IMAGE = "llmga_similar_example.png"  # what the similar-image workflows load
+EDIT_IMAGE = "llmga_edit_example.png"  # what the editing workflow loads (not square: cropped as the original)
+EDIT_VAE = "vae-ft-mse-840000-ema-pruned.safetensors"  # the VAE the editing workflow loads, as the original
 
 
 def small_run(workflow: dict) -> dict:
@@ -53,6 +56,8 @@ def small_run(workflow: dict) -> dict:
             inputs["width"] = inputs["height"] = 64
         if node["class_type"] == "DiffRIRRestore":
             inputs["tile_size"] = 32  # exercises the tiled path on the test canvas
+        if node["class_type"] == "LLMGAEdit":
+            inputs["steps"] = 2  # the edit itself stays at the original's 512² (cheap with the light UNet)
     return workflow
 
 
@@ -69,6 +74,21 @@ def write_input_images(input_dir: Path) -> None:
     Image.fromarray(rgba[:, :, :3], "RGB").save(input_dir / "llmga_outpaint_example.png")
     # not square, so the MLLM's stretch to a square is exercised
     Image.fromarray(rng.integers(0, 256, (48, 64, 3)).astype("uint8"), "RGB").save(input_dir / SIMILAR_IMAGE)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3)).astype("uint8"), "RGB").save(input_dir / EDIT_IMAGE)
+
+
+def write_vae_file(path: Path) -> None:
+    """A random VAE of the real SD architecture (the host's VAELoader accepts no smaller one) as one float16
+    safetensors file with diffusers keys, which the host converts."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    save_file({k: v.half().contiguous() for k, v in vae.state_dict().items()}, str(path))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +103,9 @@ def models_base(tmp_path_factory):
         make_mllm_folder(models / "LLM", family, name=name)
     make_vision_tower(models / "clip_vision" / "clip-vit-large-patch14-336")
     for name, kind in SD_KINDS.items():
-        make_sd_folder(models / "diffusers", kind, name=name)
+        # the SD1.5 UNet with attention at its low-resolution level only: editing runs at 512²
+        make_sd_folder(models / "diffusers", kind, name=name, light=kind == "sd15")
+    write_vae_file(models / "vae" / EDIT_VAE)
     (models / "diffrir").mkdir(parents=True)
     make_diffrir_weights(models / "diffrir" / "DiffRIR_x1.pth", scale=1)
     write_input_images(base / "input")
@@ -177,7 +199,7 @@ def test_dialogue_workflow_equals_one_library_conversation(server, models_base):
                               max_new_tokens=inputs["max_new_tokens"])
         conversation = reply.conversation
         assert entry["outputs"][t]["text"] == [shown_text(reply)], f"turn of node {t}"
-    assert conversation.turns == 3
+    assert len(conversation.messages) == 2 * 3
 
 
 @pytest.mark.parametrize("name", ["llmga_similar_sd15", "llmga_similar_sdxl"])

@@ -2,7 +2,7 @@
 // Model output is untrusted: it is only ever assigned to a textarea's .value, never parsed as HTML.
 import { app } from "../../../scripts/app.js";
 
-const TEXT_NODES = new Set(["LLMGAPromptGenerator", "DiffRIRRestore", "LLMGALongCLIPTextEncode"]);
+const TEXT_NODES = new Set(["LLMGAPromptGenerator", "DiffRIRRestore", "LLMGALongCLIPTextEncode", "LLMGAEdit"]);
 const WIDGET_NAME = "llmga_output_text";
 
 function ensureTextWidget(node) {
