@@ -57,6 +57,7 @@ __all__ = [
     "edit",
     "unet_calls",
     "diffusers_predict_noise",
+    "predict_noise_from_denoiser",
     "mask_from_image",
     "mask_to_image",
     "prepare_image",
@@ -99,7 +100,8 @@ def _first_timestep(skip: float, num_train_timesteps: int) -> float:
 
 def _check_skip(skip) -> float:
     if isinstance(skip, bool) or not isinstance(skip, (int, float)) or not math.isfinite(skip):
-        raise ValueError(f"skip must be a number from 0 to 99.8 (the percentage of noise levels skipped), not {skip!r}.")
+        raise ValueError(f"skip must be a number from 0 to 99.8 (the percentage of noise levels skipped), "
+                         f"not {skip!r}.")
     if skip < 0 or _first_timestep(skip, NUM_TRAIN_TIMESTEPS) < 1:
         raise ValueError(f"skip must be from 0 to 99.8 (the percentage of noise levels skipped), not {skip}.")
     return skip
@@ -626,6 +628,24 @@ def diffusers_predict_noise(unet) -> PredictNoise:
     def predict_noise(latents: torch.Tensor, t: int, embeds: torch.Tensor) -> torch.Tensor:
         return unet(latents.to(unet.device, unet.dtype), t,
                     encoder_hidden_states=embeds.to(unet.device, unet.dtype)).sample
+    return predict_noise
+
+
+def predict_noise_from_denoiser(denoise: Callable[[torch.Tensor, float, torch.Tensor], torch.Tensor],
+                                alphas_cumprod) -> PredictNoise:
+    """predict_noise over a k-diffusion-style denoiser (ComfyUI's model: denoised D for x = x0 + σ·n).
+
+    For the VP latent x_t, σ = √((1 − ᾱ_t)/ᾱ_t) and the denoiser's input is x_t/√ᾱ_t (its ε model
+    then sees x_t itself, since it divides by √(σ² + 1)); ε = (x_t/√ᾱ_t − D)/σ. denoise(x, sigma,
+    embeds) -> D gets σ as a float; the host maps it back to t by nearest log σ, exact here.
+    """
+    table = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
+
+    def predict_noise(latents: torch.Tensor, t: int, embeds: torch.Tensor) -> torch.Tensor:
+        a = table[t].item()
+        sigma = math.sqrt((1 - a) / a)
+        x = latents / math.sqrt(a)
+        return (x - denoise(x, sigma, embeds).to(x)) / sigma
     return predict_noise
 
 

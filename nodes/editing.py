@@ -116,31 +116,27 @@ def edit_embeddings(clip, source_prompt: str, target_prompt: str, notes: list[st
 
 
 # ---------------------------------------------------------------------------------------- UNet and VAE
-def host_predict_noise(model):
-    """predict_noise over the host's MODEL: ε at a VP latent and integer timestep, through the model's
-    apply_model (host coordinates x/α and σ = √((1−ᾱ)/ᾱ), which the model maps back to t exactly)."""
+def host_denoiser(model):
+    """denoise(x, sigma, embeds) -> D over the host's MODEL, as its samplers call it: apply_model with the
+    model's transformer options and model_function_wrapper patches (LoRA weights are patched at load)."""
     base = model.model
-    sigmas = model.get_model_object("model_sampling").sigmas
     options = model.model_options
     transformer_options = options.get("transformer_options", {})
     wrapper = options.get("model_function_wrapper")
     device = model.load_device
 
-    def predict_noise(latents: torch.Tensor, t: int, embeds: torch.Tensor) -> torch.Tensor:
-        batch = latents.shape[0]
-        sigma = sigmas[int(t)].to(device=device, dtype=torch.float32)
-        x = latents.to(device=device, dtype=torch.float32) * torch.sqrt(1 + sigma * sigma)
-        context = embeds.to(device).expand(batch, *embeds.shape[1:])
-        timestep = sigma.expand(batch)
-        c = {"c_crossattn": context, "transformer_options": transformer_options}
-        if wrapper is not None:  # the host's model_function_wrapper patches, as its samplers call them
-            denoised = wrapper(base.apply_model, {"input": x, "timestep": timestep, "c": c,
-                                                  "cond_or_uncond": [0] * batch})
-        else:
-            denoised = base.apply_model(x, timestep, **c)
-        return ((x - denoised.float()) / sigma).to(latents.dtype)
+    def denoise(x: torch.Tensor, sigma: float, embeds: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        x = x.to(device=device, dtype=torch.float32)
+        timestep = torch.full((batch,), float(sigma), device=device)
+        c = {"c_crossattn": embeds.to(device).expand(batch, *embeds.shape[1:]),
+             "transformer_options": transformer_options}
+        if wrapper is not None:
+            return wrapper(base.apply_model, {"input": x, "timestep": timestep, "c": c,
+                                              "cond_or_uncond": [0] * batch})
+        return base.apply_model(x, timestep, **c)
 
-    return predict_noise
+    return denoise
 
 
 class _MomentsOfEncode:
@@ -263,9 +259,10 @@ class LLMGAEdit(io.ComfyNode):
         batch = 2 * editing.MASK_MAPS if latent_mask is None else 2
         memory = model.model.memory_required([batch, *x0.shape[1:]])
         model_management.load_models_gpu([model], memory_required=memory)
+        alphas_cumprod = editing.scaled_linear_alphas_cumprod()
         result = editing.edit(
-            host_predict_noise(model), x0.to(model.load_device), embeds, noise,
-            alphas_cumprod=editing.scaled_linear_alphas_cumprod(),
+            editing.predict_noise_from_denoiser(host_denoiser(model), alphas_cumprod), x0.to(model.load_device),
+            embeds, noise, alphas_cumprod=alphas_cumprod,
             mask_latents=None if mask_latents is None else mask_latents.to(model.load_device),
             mask=latent_mask, steps=steps, skip=skip, source_guidance=source_guidance,
             target_guidance=target_guidance, threshold_ratio=mask_threshold_ratio,

@@ -252,10 +252,11 @@ def test_float32_follows_the_float64_reference(models, case):
                            alphas_cumprod=editing.scaled_linear_alphas_cumprod(), timesteps=ts)
     assert got.dtype == torch.float32 and zs.dtype == torch.float32
     unet64 = plain(models["unet64"])
+    ref_ts = ref_timesteps(50, 25)
     ref_start, ref_zs = ref_invert(unet64, case["x0"], case["noise"].inversion, case["source"], case["uncond"],
-                                   ref_alphas_cumprod(), ts, 3.5)
+                                   ref_alphas_cumprod(), ref_ts, 3.5)
     want = ref_resample(unet64, ref_start, ref_zs, case["target"], case["uncond154"], mask.double(),
-                        ref_alphas_cumprod(), ts, 7.5)
+                        ref_alphas_cumprod(), ref_ts, 7.5)
     dz, dx = (zs.double() - ref_zs).abs().max().item(), (got.double() - want).abs().max().item()
     print(f"\nfloat32 against the float64 reference: max |Δz| {dz:.2e}, max |Δlatents| {dx:.2e}")
     assert dz < 1e-3 and dx < 5e-4  # float32 rounding, amplified where z divides by σ_t′·√(1 − e^(−2h))
@@ -469,6 +470,22 @@ def test_an_exception_from_progress_stops_the_phase(models, case, phase):
 # Helpers for the node
 
 
+def test_predict_noise_from_a_k_diffusion_denoiser_is_the_unets_eps(models):
+    unet = models["unet64"]
+    acp = acp64()
+    log_sigmas = ((1 - acp) / acp).sqrt().log()
+
+    def denoise(x, sigma, e):  # the host's EPS model: input scaled by 1/√(σ²+1), D = x − σ·ε
+        t = int((log_sigmas - math.log(sigma)).abs().argmin())
+        return x - sigma * plain(unet)(x / math.sqrt(sigma ** 2 + 1), t, e)
+
+    predict = editing.predict_noise_from_denoiser(denoise, acp)
+    x = torch.randn((2, *LATENT), generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    e = embeds(1, 77).expand(2, -1, -1)
+    for t in (749, 500, 16, 1):
+        torch.testing.assert_close(predict(x, t, e), plain(unet)(x, t, e), rtol=0, atol=1e-9)
+
+
 def test_mask_to_image_and_back():
     mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(3)) > 0.5
     image = editing.mask_to_image(mask, 64, 64)
@@ -528,7 +545,8 @@ def test_shapes_that_do_not_fit(case):
     x0, src, unc = case["x0"], case["source"], case["uncond"]
     noise = case["noise"].inversion[:10]
     bad = [
-        (lambda: editing.invert(unet, x0, noise[:9], src, unc, alphas_cumprod=acp, timesteps=ts), "one map per timestep"),
+        (lambda: editing.invert(unet, x0, noise[:9], src, unc, alphas_cumprod=acp, timesteps=ts),
+         "one map per timestep"),
         (lambda: editing.invert(unet, x0.expand(2, -1, -1, -1), noise, src, unc, alphas_cumprod=acp, timesteps=ts),
          "x0 must be a latent tensor of shape 1×C×h×w"),
         (lambda: editing.invert(unet, x0, noise, src[0], unc, alphas_cumprod=acp, timesteps=ts), "1×L×C"),

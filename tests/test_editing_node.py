@@ -160,3 +160,27 @@ def test_bad_input_is_one_sentence(node_module, host_models, change, words):
         change = dict(change)
         run_node(node_module, host_models, change.pop("image") if "image" in change else photo(), **change)
     assert words in one_sentence(err)
+
+
+def test_progress_per_unet_call_and_the_hosts_interrupt_stop_the_edit(node_module, host_models):
+    """The node's ProgressBar advances once per UNet call over the three phases; the host's progress hook
+    (which raises on /interrupt in a server) stops the edit where it raises."""
+    import comfy.model_management
+    import comfy.utils
+
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append((value, total))
+        if len(seen) == 3:
+            raise comfy.model_management.InterruptProcessingException()
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_node(node_module, host_models, photo(seed=4))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    total = 1 + 2 * STEPS  # one batched mask call, one call per inversion and re-sampling step
+    assert seen == [(1, total), (2, total), (3, total)]
