@@ -14,13 +14,13 @@ Everything here is host-free: configs, file lists and plain state dicts.
 """
 from __future__ import annotations
 
-import json
-import pickle
-import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .weights import WeightFileError, check_weight_file, load_weights, read_json, shard_files, tensor_shape
 
 __all__ = [
     "SDFolder", "SDFolderError", "inspect_sd_folder", "load_state_dict", "ldm_unet_config",
@@ -94,58 +94,13 @@ def _candidates(st_stem: str, bin_stem: str) -> list[str]:
             f"{bin_stem}.bin", f"{bin_stem}.bin.index.json"]
 
 
-def _read_json(path: Path) -> dict:
+@contextmanager
+def _as_folder_error():
+    """weights.py's file errors raised as SDFolderError, the one error type of this module."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SDFolderError(f"{path} is not a readable JSON file ({e}); download it again.") from None
-    if not isinstance(data, dict):
-        raise SDFolderError(f"{path} does not hold a JSON object; download it again.")
-    return data
-
-
-def _shards_of(index_path: Path) -> tuple[Path, ...]:
-    weight_map = _read_json(index_path).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise SDFolderError(f"{index_path} has no weight_map; download it again.")
-    shards = []
-    for name in weight_map.values():
-        shard = index_path.parent / name
-        if Path(name).name != name:
-            raise SDFolderError(f"{index_path} names a shard outside its folder ({name!r}); download it again.")
-        if shard not in shards:
-            shards.append(shard)
-    for shard in shards:
-        if not shard.is_file():
-            raise SDFolderError(f"Shard {shard.name} listed in {index_path} is missing; download it again.")
-    return tuple(shards)
-
-
-def _check_readable(path: Path) -> list[str] | None:
-    """Reads a weight file's header only; returns its tensor names (safetensors) or None (pickles)."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise SDFolderError(f"{path} is corrupt or incomplete (not a readable safetensors file); "
-                                f"download it again.") from e
-    # torch.save writes a zip archive (its directory sits at the end, so a cut-off download fails
-    # here); files from before PyTorch 1.6 are a bare pickle, which only loading can check.
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic == b"PK\x03\x04":
-            with zipfile.ZipFile(path) as z:
-                z.namelist()
-        elif not magic.startswith(b"\x80"):
-            raise zipfile.BadZipFile("neither a zip archive nor a pickle")
-    except (OSError, zipfile.BadZipFile) as e:
-        raise SDFolderError(f"{path} is corrupt or incomplete (not a readable PyTorch file); "
-                            f"download it again.") from e
-    return None
+        yield
+    except WeightFileError as error:
+        raise SDFolderError(str(error)) from None
 
 
 def find_weight_files(component_dir: Path, component: str = "unet") -> tuple[Path, ...]:
@@ -161,44 +116,18 @@ def find_weight_files(component_dir: Path, component: str = "unet") -> tuple[Pat
         path = component_dir / name
         if not path.is_file():
             continue
-        files = _shards_of(path) if name.endswith(".json") else (path,)
-        for file in files:
-            _check_readable(file)
+        with _as_folder_error():
+            files = shard_files(path) if name.endswith(".json") else (path,)
+            for file in files:
+                check_weight_file(file)
         return files
     return ()
 
 
 def load_state_dict(files) -> dict[str, torch.Tensor]:
-    """All tensors of a weight file or its shards, on the CPU.
-
-    safetensors are memory-mapped; pickles go through torch.load(weights_only=True) only.
-    """
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for file in ([files] if isinstance(files, (str, Path)) else files):
-        file = Path(file)
-        if file.suffix == ".safetensors":
-            try:
-                part = load_file(str(file), device="cpu")
-            except Exception as e:
-                raise SDFolderError(f"{file} is corrupt or incomplete (not a readable safetensors file); "
-                                    f"download it again.") from e
-        else:
-            try:
-                part = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
-            except Exception as e:
-                if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower():
-                    raise SDFolderError(f"{file} holds pickled objects other than tensors, which are not loaded "
-                                        f"for safety; use the folder's .safetensors files instead.") from e
-                raise SDFolderError(f"{file} is corrupt or incomplete (not a readable PyTorch file); "
-                                    f"download it again.") from e
-            if isinstance(part, dict) and isinstance(part.get("state_dict"), dict):
-                part = part["state_dict"]
-            if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
-                raise SDFolderError(f"{file} does not hold a state dict of tensors; download it again.")
-        state.update(part)
-    return state
+    """All tensors of a weight file or its shards, on the CPU (read as llmga_core.weights reads them)."""
+    with _as_folder_error():
+        return load_weights(files)
 
 
 # --------------------------------------------------------------------------- UNet
@@ -253,17 +182,17 @@ def _unet_family(cfg: dict) -> str:
     return family
 
 
-def ldm_unet_config(cfg: dict) -> dict:
+def ldm_unet_config(cfg: dict, *, where="This UNet") -> dict:
     """The LDM `unet_config` (ComfyUI's UNetModel arguments) of a diffusers SD1.5/SDXL UNet config.
 
     For the released SD1.5 and SDXL configs this equals the host's detection table; smaller models of
-    the same families map the same way. Raises SDFolderError for other architectures.
+    the same families map the same way. Raises SDFolderError for other architectures, naming `where`.
     """
     try:
-        family = _unet_family(cfg)
-        return _ldm_config(cfg, family)
-    except _NotSD as e:
-        raise SDFolderError(f"This UNet is not an SD1.5 or SDXL UNet ({e}); LLMGA's checkpoints are SD1.5 or "
+        return _ldm_config(cfg, _unet_family(cfg))
+    except (_NotSD, KeyError, TypeError) as e:
+        reason = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise SDFolderError(f"{where} is not an SD1.5 or SDXL UNet ({reason}); LLMGA's checkpoints are SD1.5 or "
                             f"SDXL UNets with 4 or 9 input channels.") from None
 
 
@@ -427,16 +356,8 @@ def _component(folder: Path, name: str) -> tuple[dict | None, tuple[Path, ...]]:
                             f"{stem}.safetensors.index.json or .bin); download that folder again.")
     if not config_path.is_file():
         raise SDFolderError(f"{sub} has no config.json; download that folder again.")
-    return _read_json(config_path), files
-
-
-def _header_shape(file: Path, key: str):
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        if key in f.keys():
-            return list(f.get_slice(key).get_shape())
-    return None
+    with _as_folder_error():
+        return read_json(config_path), files
 
 
 def inspect_sd_folder(folder) -> SDFolder:
@@ -448,17 +369,12 @@ def inspect_sd_folder(folder) -> SDFolder:
     if not (folder / "unet").is_dir():
         raise SDFolderError(f"{folder} has no unet/ folder; {_LAYOUT_HINT}.")
     unet_config, unet_files = _component(folder, "unet")
-    try:
-        family = _unet_family(unet_config)
-        ldm = _ldm_config(unet_config, family)
-    except (_NotSD, KeyError, TypeError) as e:
-        reason = f"missing {e}" if isinstance(e, KeyError) else str(e)
-        raise SDFolderError(f"{folder / 'unet'} is not an SD1.5 or SDXL UNet ({reason}); LLMGA's checkpoints are "
-                            f"SD1.5 or SDXL UNets with 4 or 9 input channels.") from None
+    ldm = ldm_unet_config(unet_config, where=folder / "unet")
+    family = "sdxl" if ldm["adm_in_channels"] else "sd15"
 
     # the weights must be the UNet the config describes (a cheap header read)
-    shape = next((s for f in unet_files if f.suffix == ".safetensors"
-                  for s in [_header_shape(f, "conv_in.weight")] if s is not None), None)
+    with _as_folder_error():
+        shape = next((s for s in (tensor_shape(f, "conv_in.weight") for f in unet_files) if s is not None), None)
     if shape is not None and shape[:2] != [ldm["model_channels"], ldm["in_channels"]]:
         raise SDFolderError(f"{folder / 'unet'} weights do not match its config.json (conv_in is {shape}, the config "
                             f"says {ldm['model_channels']} channels from {ldm['in_channels']} inputs); download it again.")

@@ -64,7 +64,7 @@ __all__ = [
     "PreparedImage",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("llmga")
 
 PredictNoise = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]

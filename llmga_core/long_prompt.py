@@ -337,20 +337,22 @@ def join_chunks(hidden: torch.Tensor, plan: PromptChunks, recipe: EncodingRecipe
 
 ChunkEncoder = Callable[[dict[str, list[list[int]]]], tuple[torch.Tensor, "torch.Tensor | None"]]
 """Encodes chunks: {encoder key: k chunks of 77 ids} -> (hidden [k, 77, C] with the encoders joined
-on channels in recipe order, pooled [1, P] of the LAST chunk or None when the recipe needs none).
-Each chunk must be encoded on its own (no attention across chunks)."""
+on channels in recipe order, pooled [1, P] of chunk POOLED_CHUNK of those given, or None when the
+recipe needs none). Each chunk must be encoded on its own (no attention across chunks)."""
+
+# The chunk a ChunkEncoder pools: the first, which is the host CLIP's own rule, so that backend passes
+# the chunks through as given; the algorithm sends the chunk LLMGA pools (the prompt's last) there.
+POOLED_CHUNK = 0
 
 
 def _encode_distinct(plan: PromptChunks, encode_chunks: ChunkEncoder) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Runs the backend once per distinct chunk (a "" negative padded to n chunks is n equal ones)
-    and returns the [n, 77, C] outputs plus the last chunk's pooled output."""
+    and returns the [n, 77, C] outputs in prompt order plus the pooled output of the last chunk."""
     keys = list(plan.chunks)
     rows = [tuple(tuple(plan.chunks[key][i]) for key in keys) for i in range(plan.n_chunks)]
-    distinct: dict[tuple, int] = {}
-    for row in rows:
-        distinct.setdefault(row, len(distinct))
-    # The backend pools the last chunk it is given, so the prompt's last chunk goes last.
-    order = [row for row in distinct if row != rows[-1]] + [rows[-1]]
+    pooled_row = rows[-1]  # LLMGA pools the prompt's last chunk
+    order = [row for row in dict.fromkeys(rows) if row != pooled_row]
+    order.insert(POOLED_CHUNK, pooled_row)
     position = {row: i for i, row in enumerate(order)}
     hidden, pooled = encode_chunks({key: [list(row[k]) for row in order] for k, key in enumerate(keys)})
     index = torch.tensor([position[row] for row in rows], device=hidden.device)
@@ -404,7 +406,7 @@ def transformers_chunk_encoder(text_encoders: dict[str, torch.nn.Module], recipe
                     out = model(ids, output_hidden_states=True)
                     parts.append(out.hidden_states[-2])
                     if key == "g":
-                        pooled = out.text_embeds[-1:]
+                        pooled = out.text_embeds[POOLED_CHUNK:POOLED_CHUNK + 1]
                 else:
                     parts.append(model(ids).last_hidden_state)
         hidden = parts[0] if len(parts) == 1 else torch.cat([p.to(parts[0].dtype) for p in parts], dim=-1)

@@ -3,11 +3,12 @@
     python -m llmga_core.run_workflow workflows/api/llmga_t2i_sd15.json \
         --set instruction="a lighthouse in a storm" --out results/
 
-Starts a ComfyUI on 127.0.0.1 (the one this pack is installed in, or --comfyui DIR) unless --server URL
-is given, sets inputs from the command line, shows progress, and writes the images and the MLLM's prompt
-to --out. Model folders the workflow names but the server lacks are listed with where they go;
---download fetches the released ones with huggingface_hub (opt-in). Standard library only, plus aiohttp
-for live progress when it is importable (it is in every ComfyUI environment).
+Starts a ComfyUI on 127.0.0.1 (the one this pack is installed in, or --comfyui DIR; on the CPU when there
+is no usable GPU) unless --server URL is given, sets inputs from the command line, shows progress, and
+writes the images and each MLLM prompt to --out. Model folders the workflow names but the server lacks are
+listed with where they go; --download fetches the released ones with huggingface_hub (opt-in). Example
+input images that ship in workflows/ are uploaded when the server's input folder lacks them. Standard
+library only, plus what every ComfyUI environment has: aiohttp for live progress, tqdm for its bars.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import contextlib
 import json
 import mimetypes
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -39,6 +42,10 @@ MODEL_INPUTS = {  # (class_type, input) -> models/ subfolder
     ("DiffRIRLoader", "model_name"): "diffrir",
 }
 TEXT_OUTPUT_NODES = ("LLMGAPromptGenerator",)
+PACK_DIR = Path(__file__).resolve().parents[1]
+EXAMPLE_IMAGES = PACK_DIR / "workflows"  # the example inputs the shipped workflows load
+DEVICE_FLAGS = ("--cpu", "--directml")  # the user already chose where ComfyUI computes
+DIFFRIR_SOURCE = "the DiffRIR release (github.com/Zj-BinXia/DiffRIR, 'pretrained models')"
 
 
 class WorkflowError(RuntimeError):
@@ -119,17 +126,30 @@ class Server:
         except (urllib.error.URLError, OSError, WorkflowError):
             return False
 
-    def upload_image(self, path: Path) -> str:
+    def upload_image(self, path: Path, name: str | None = None) -> str:
+        path = Path(path)
+        try:
+            content = path.read_bytes()
+        except OSError as e:
+            raise WorkflowError(f"Cannot read the image {path} ({e.strerror}); check the path given to --image.") from None
         boundary = uuid.uuid4().hex
-        content = Path(path).read_bytes()
         ctype = mimetypes.guess_type(str(path))[0] or "application/octet-stream"
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{Path(path).name}\"\r\n"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name or path.name}\"\r\n"
                 f"Content-Type: {ctype}\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
         req = urllib.request.Request(self.url + "/upload/image", data=body,
                                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
         with urllib.request.urlopen(req, timeout=120) as r:
             info = json.loads(r.read())
         return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
+
+    def combo_options(self, class_type: str, input_name: str) -> list | None:
+        """The values the server accepts for a combo input (None when it has no such node)."""
+        info = self.request(f"/object_info/{class_type}").get(class_type)
+        if info is None:
+            return None
+        spec = info["input"].get("required", {}).get(input_name) or info["input"].get("optional", {}).get(input_name)
+        # ComfyUI < 0.3.4x lists combo options in place of the type; newer ones under "options"
+        return spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])
 
 
 def free_port() -> int:
@@ -139,14 +159,73 @@ def free_port() -> int:
 
 
 def default_comfyui_dir() -> Path | None:
-    """The ComfyUI this pack is installed in: <ComfyUI>/custom_nodes/<pack>/llmga_core/run_workflow.py."""
-    here = Path(__file__).resolve()
-    candidate = here.parents[2].parent if here.parents[2].name == "custom_nodes" else None
-    return candidate if candidate and (candidate / "main.py").is_file() else None
+    """The ComfyUI this pack is installed in, <ComfyUI>/custom_nodes/<pack>, also when that pack folder is a
+    symlink: Python sees only the link's target, so the shell's $PWD and this file's unresolved path, which
+    keep the link's location, are tried first."""
+    candidates = []
+    pwd = os.environ.get("PWD")
+    if pwd and os.path.isabs(pwd):
+        candidates.append(Path(pwd))
+    candidates += [Path(os.path.abspath(__file__)), PACK_DIR]
+    for start in candidates:
+        for folder in (start, *start.parents):
+            try:
+                is_pack = folder.is_dir() and os.path.samefile(folder, PACK_DIR)
+            except OSError:
+                is_pack = False
+            if is_pack:
+                comfyui = folder.parent.parent
+                if folder.parent.name == "custom_nodes" and (comfyui / "main.py").is_file():
+                    return comfyui
+                break
+    return None
+
+
+def has_usable_gpu() -> bool:
+    """What ComfyUI's device choice needs: a CUDA/ROCm, XPU or MPS device torch can use."""
+    try:
+        import torch
+    except ImportError:
+        return True  # ComfyUI will not start either; its own error says why
+    if torch.cuda.is_available():
+        return True
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())
+
+
+def option_value(args: list[str], flag: str) -> str | None:
+    """The value of `flag` in a ComfyUI argument list (`--flag VALUE` or `--flag=VALUE`)."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def last_error_line(log_text: str) -> str:
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"[\w.]*(Error|Exception)\b", line) or " error: " in line:
+            return line
+    return lines[-1] if lines else "(the log is empty)"
+
+
+def start_failure_advice(line: str) -> str:
+    if re.search(r"NVIDIA|CUDA|cuda|GPU", line):
+        return "ComfyUI found no usable GPU, so run again with --comfyui-args=--cpu"
+    if "unrecognized arguments" in line or " error: argument" in line:
+        return "correct the --comfyui-args (python main.py --help in the ComfyUI folder lists them)"
+    if "No module named" in line:
+        return ("run this command with ComfyUI's own Python, or install ComfyUI's requirements.txt into this one "
+                f"({sys.executable})")
+    return "fix what it says, or start ComfyUI yourself and pass --server URL"
 
 
 @contextlib.contextmanager
-def local_comfyui(comfyui_dir: Path, extra_args: list[str], log_path: Path):
+def local_comfyui(comfyui_dir: Path, extra_args: list[str], log_path: Path, start_timeout: float = 300):
     port = free_port()
     cmd = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
            *extra_args]
@@ -155,12 +234,18 @@ def local_comfyui(comfyui_dir: Path, extra_args: list[str], log_path: Path):
     proc = subprocess.Popen(cmd, cwd=comfyui_dir, stdout=log, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}")
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + start_timeout
         while not server.alive():
             if proc.poll() is not None:
-                raise WorkflowError(f"ComfyUI exited with code {proc.returncode} while starting; see {log_path}.")
+                log.flush()
+                line = last_error_line(log_path.read_text(errors="replace"))
+                raise WorkflowError(f"ComfyUI exited with code {proc.returncode} while starting: {line} -- "
+                                    f"{start_failure_advice(line)} (full log: {log_path}).")
             if time.time() > deadline:
-                raise WorkflowError(f"ComfyUI did not answer within 300 s; see {log_path}.")
+                log.flush()
+                line = last_error_line(log_path.read_text(errors="replace"))
+                raise WorkflowError(f"ComfyUI did not answer within {start_timeout:.0f} s; its log ends with: {line} "
+                                    f"(full log: {log_path}).")
             time.sleep(0.5)
         yield server
     finally:
@@ -177,38 +262,44 @@ def local_comfyui(comfyui_dir: Path, extra_args: list[str], log_path: Path):
 def missing_models(server: Server, workflow: dict) -> list[tuple[str, str, str]]:
     """(node class, model name, models/ subfolder) for every model input the server cannot offer."""
     missing = []
-    info_cache = {}
+    options = {}
     for node in workflow.values():
         for (class_type, input_name), folder in MODEL_INPUTS.items():
             if node["class_type"] != class_type or input_name not in node["inputs"]:
                 continue
-            if class_type not in info_cache:
-                info_cache[class_type] = server.request(f"/object_info/{class_type}").get(class_type)
-            info = info_cache[class_type]
-            if info is None:
+            if class_type not in options:
+                options[class_type] = server.combo_options(class_type, input_name)
+            if options[class_type] is None:
                 raise WorkflowError(f"The server has no node {class_type}; is the LLMGA pack installed in its "
                                     f"custom_nodes folder?")
-            spec = info["input"]["required"][input_name]
-            # ComfyUI < 0.3.4x lists combo options in place of the type; newer ones under "options"
-            options = spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])
             name = node["inputs"][input_name]
-            if name not in options:
+            if name not in options[class_type]:
                 missing.append((class_type, name, folder))
     return missing
 
 
-def describe_missing(missing, models_dir: str) -> str:
-    lines = ["These models are not installed:"]
+def describe_missing(missing, models_dir: str | None, server_url: str | None = None) -> str:
+    """The missing models with where they go: absolute folders when this command started ComfyUI itself
+    (models_dir), folders relative to the server's own models folder with --server (models_dir None)."""
+    if models_dir is not None:
+        lines = [f"These models are not installed in {models_dir}:"]
+        where = lambda *parts: os.path.join(models_dir, *parts)  # noqa: E731
+    else:
+        lines = [f"These models are not installed on the server at {server_url}; put them in that server's models "
+                 f"folder (<its base directory>/models, or a root its extra_model_paths.yaml adds), at the paths "
+                 f"below, which are relative to it:"]
+        where = lambda *parts: "/".join(parts)  # noqa: E731
+    download = ", or run again with --download" if models_dir is not None else ""
     for class_type, name, folder in missing:
-        where = os.path.join(models_dir, folder, name)
         if folder in RELEASED_REPOS:
-            source = f"huggingface.co/{RELEASED_REPOS[folder]}/{name} (or run again with --download)"
+            source = f"huggingface.co/{RELEASED_REPOS[folder]}/{Path(name).name}{download}"
         else:
-            source = "the DiffRIR release (Zj-BinXia/DiffRIR README, 'pretrained models')"
-        lines.append(f"  - {name} for {class_type}: put it at {where}  [from {source}]")
+            source = DIFFRIR_SOURCE
+        lines.append(f"  - {name} for {class_type}: {where(folder, name)}  [from {source}]")
     if any(folder == "LLM" for _, _, folder in missing):
-        lines.append(f"  - the MLLM also needs the CLIP vision tower {VISION_TOWER_REPO} at "
-                     f"{os.path.join(models_dir, 'clip_vision', 'clip-vit-large-patch14-336')}")
+        tower = VISION_TOWER_REPO.split("/")[-1]
+        lines.append(f"  - the MLLM also needs its CLIP vision tower, unless it is there already: "
+                     f"{where('clip_vision', tower)}  [from huggingface.co/{VISION_TOWER_REPO}{download}]")
     return "\n".join(lines)
 
 
@@ -219,8 +310,8 @@ def download_models(missing, models_dir: Path) -> None:
         raise WorkflowError("--download needs huggingface_hub (pip install huggingface_hub).") from None
     for class_type, name, folder in missing:
         if folder not in RELEASED_REPOS:
-            raise WorkflowError(f"{name} ({class_type}) is not on Hugging Face; download it by hand from the "
-                                f"DiffRIR release into {models_dir / folder}.")
+            raise WorkflowError(f"{name} ({class_type}) is not on Hugging Face; download it by hand from "
+                                f"{DIFFRIR_SOURCE} into {models_dir / folder}.")
         repo = f"{RELEASED_REPOS[folder]}/{Path(name).name}"
         print(f"[llmga] downloading {repo} -> {models_dir / folder / name}", flush=True)
         snapshot_download(repo_id=repo, local_dir=str(models_dir / folder / name))
@@ -232,54 +323,179 @@ def download_models(missing, models_dir: Path) -> None:
                                   allow_patterns=["*.json", "*.txt", "*.safetensors"])
 
 
+# ---------------------------------------------------------------------------------------------- input images
+
+def set_images(server: Server, workflow: dict, specs: list[str]) -> None:
+    """--image [NODE=]PATH uploads PATH and puts it into the LoadImage nodes (or the one named NODE)."""
+    for spec in specs:
+        node_sel, _, path = spec.rpartition("=")
+        targets = [n for nid, n in workflow.items() if n["class_type"] == "LoadImage"
+                   and (not node_sel or node_sel in (nid, n.get("_meta", {}).get("title")))]
+        if not targets:
+            raise WorkflowError(f"--image {spec!r}: the workflow has no matching LoadImage node.")
+        name = server.upload_image(Path(path))
+        for node in targets:
+            node["inputs"]["image"] = name
+
+
+def provide_example_images(server: Server, workflow: dict) -> None:
+    """Uploads the example image a LoadImage node names when the server's input folder lacks it and it ships
+    in workflows/; otherwise names the node and the flag that gives it an image."""
+    loaders = {nid: n for nid, n in workflow.items()
+               if n["class_type"] == "LoadImage" and isinstance(n["inputs"].get("image"), str)}
+    if not loaders:
+        return
+    available = set(server.combo_options("LoadImage", "image") or [])
+    for node_id, node in loaders.items():
+        name = node["inputs"]["image"]
+        if name in available:
+            continue
+        example = EXAMPLE_IMAGES / name
+        if "/" not in name and example.is_file():
+            print(f"[llmga] the server's input folder has no {name}; uploading the example image "
+                  f"workflows/{name} (pass --image PATH to use your own)", flush=True)
+            node["inputs"]["image"] = server.upload_image(example)
+            available.add(node["inputs"]["image"])
+            continue
+        title = node.get("_meta", {}).get("title") or "LoadImage"
+        raise WorkflowError(f"The node {title!r} (id {node_id}) loads {name!r}, which is not in the server's input "
+                            f"folder; pass --image {node_id}=PATH with a picture of yours.")
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+class ProgressPrinter:
+    """What the websocket reports, for a person: one live tqdm bar per node with progress in a terminal;
+    elsewhere (a log, a pipe) plain lines, at most one per quarter of a node's steps."""
+
+    def __init__(self, titles: dict, stream=None, live: bool | None = None):
+        self.titles = titles
+        self.stream = stream or sys.stdout
+        if live is None:
+            live = self.stream.isatty()
+        self.tqdm = None
+        if live:
+            try:
+                from tqdm import tqdm
+
+                self.tqdm = tqdm
+            except ImportError:
+                pass
+        self.node = None
+        self.bar = None
+        self.last = None  # (value, max) of the current node
+        self.shown = -1  # last quarter printed in plain mode
+
+    def line(self, text: str) -> None:
+        self.finish_node()
+        print(f"[llmga] {text}", file=self.stream, flush=True)
+
+    def title(self, node_id) -> str:
+        return self.titles.get(node_id, node_id)
+
+    def executing(self, node_id) -> None:
+        self.finish_node()
+        self.node = node_id
+        print(f"[llmga] running {self.title(node_id)}", file=self.stream, flush=True)
+
+    def progress(self, node_id, value: int, maximum: int) -> None:
+        if node_id is not None and node_id != self.node:
+            self.executing(node_id)
+        self.last = (value, maximum)
+        if self.tqdm is not None:
+            if self.bar is None:
+                self.bar = self.tqdm(total=maximum, desc=f"[llmga]   {self.title(self.node)}", file=self.stream,
+                                     unit="step", dynamic_ncols=True, leave=True)
+            if self.bar.total != maximum:
+                self.bar.total = maximum
+            self.bar.n = value
+            self.bar.refresh()
+            return
+        quarter = 4 * value // max(maximum, 1)
+        if quarter > self.shown:
+            self.shown = quarter
+            print(f"[llmga]   {self.title(self.node)}: {value}/{maximum}", file=self.stream, flush=True)
+
+    def finish_node(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.last is not None and 4 * self.last[0] // max(self.last[1], 1) < 4:
+            # ended before its last step (the MLLM at its end token): say where, on a line of its own
+            print(f"[llmga]   {self.title(self.node)}: done at {self.last[0]}/{self.last[1]}", file=self.stream,
+                  flush=True)
+        self.node, self.bar, self.last, self.shown = None, None, None, -1
+
+
 # ---------------------------------------------------------------------------------------------- running
 
-async def _watch_ws(server: Server, prompt_id: str, titles: dict) -> None:
+def queue_prompt(server: Server, workflow: dict, titles: dict) -> str:
+    answer = server.request("/prompt", {"prompt": workflow, "client_id": server.client_id})
+    if answer.get("__status__") or answer.get("node_errors"):
+        raise WorkflowError("The server refused the workflow: " + format_node_errors(answer, titles))
+    print(f"[llmga] queued {answer['prompt_id']}", flush=True)
+    return answer["prompt_id"]
+
+
+def finished_entry(server: Server, prompt_id: str) -> dict | None:
+    history = server.request(f"/history/{prompt_id}")
+    entry = history.get(prompt_id) if isinstance(history, dict) else None
+    return entry if entry and entry.get("status", {}).get("completed") is not None else None
+
+
+async def _queue_and_watch(server: Server, workflow: dict, titles: dict, printer: ProgressPrinter) -> str:
+    """Connects the websocket first and queues then, so that a prompt that finishes at once (all cached) cannot
+    end before anyone listens; /history is looked at whenever the socket is quiet, for events missed all the same."""
     import aiohttp
 
     ws_url = server.url.replace("http", "ws", 1) + f"/ws?clientId={server.client_id}"
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, heartbeat=30) as ws:
-        async for msg in ws:
-            if msg.type != aiohttp.WSMsgType.TEXT:
+        prompt_id = queue_prompt(server, workflow, titles)
+        while True:
+            try:
+                msg = await ws.receive(timeout=2.0)
+            except asyncio.TimeoutError:
+                if finished_entry(server, prompt_id) is not None:
+                    return prompt_id
                 continue
+            if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR):
+                return prompt_id  # the server went away; the history poll below says how it ended
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue  # previews
             event = json.loads(msg.data)
-            data = event.get("data", {})
+            data = event.get("data") or {}
             if data.get("prompt_id") not in (None, prompt_id):
                 continue
             kind = event.get("type")
             if kind == "executing":
                 if data.get("node") is None:
-                    return
-                print(f"[llmga] running {titles.get(data['node'], data['node'])}", flush=True)
+                    return prompt_id
+                printer.executing(data["node"])
             elif kind == "progress":
-                print(f"\r[llmga]   {data['value']}/{data['max']}", end="\n" if data["value"] >= data["max"] else "",
-                      flush=True)
+                printer.progress(data.get("node"), int(data["value"]), int(data["max"]))
             elif kind == "execution_cached" and data.get("nodes"):
-                print(f"[llmga] cached: {', '.join(titles.get(n, n) for n in data['nodes'])}", flush=True)
+                printer.line(f"cached: {', '.join(printer.title(n) for n in data['nodes'])}")
             elif kind in ("execution_error", "execution_interrupted", "execution_success"):
-                return
+                return prompt_id
 
 
-def run_prompt(server: Server, workflow: dict, timeout: float) -> dict:
+def run_prompt(server: Server, workflow: dict, timeout: float, printer: ProgressPrinter | None = None) -> dict:
     titles = {nid: n.get("_meta", {}).get("title") or n["class_type"] for nid, n in workflow.items()}
-    answer = server.request("/prompt", {"prompt": workflow, "client_id": server.client_id})
-    if answer.get("__status__") or answer.get("node_errors"):
-        raise WorkflowError("The server refused the workflow: " + format_node_errors(answer, titles))
-    prompt_id = answer["prompt_id"]
-    print(f"[llmga] queued {prompt_id}", flush=True)
+    printer = printer or ProgressPrinter(titles)
     try:
         import aiohttp  # noqa: F401
-
-        asyncio.run(asyncio.wait_for(_watch_ws(server, prompt_id, titles), timeout))
     except ImportError:
-        pass  # no live progress; poll below
-    except asyncio.TimeoutError:
-        raise WorkflowError(f"The workflow did not finish within {timeout:.0f} s.") from None
+        prompt_id = queue_prompt(server, workflow, titles)  # no live progress; the poll below waits
+    else:
+        try:
+            prompt_id = asyncio.run(asyncio.wait_for(_queue_and_watch(server, workflow, titles, printer), timeout))
+        except asyncio.TimeoutError:
+            raise WorkflowError(f"The workflow did not finish within {timeout:.0f} s.") from None
+        finally:
+            printer.finish_node()
     deadline = time.time() + timeout
     while time.time() < deadline:
-        history = server.request(f"/history/{prompt_id}")
-        entry = history.get(prompt_id) if isinstance(history, dict) else None
-        if entry and entry.get("status", {}).get("completed") is not None:
+        entry = finished_entry(server, prompt_id)
+        if entry is not None:
             status = entry["status"]
             if status.get("status_str") != "success":
                 raise WorkflowError("The workflow failed: " + describe_failure(status, titles))
@@ -309,8 +525,16 @@ def describe_failure(status: dict, titles: dict) -> str:
 
 
 def save_outputs(server: Server, entry: dict, workflow: dict, out_dir: Path) -> list[Path]:
+    """Saved images, and per Prompt Generator prompt_<node>.txt (the bare prompt a pipeline reads),
+    source_prompt_<node>.txt (editing) and notes_<node>.txt (what the node said beside the prompt)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+
+    def write(name: str, text: str) -> None:
+        target = out_dir / name
+        target.write_text(text, encoding="utf-8")
+        written.append(target)
+
     for node_id, output in entry.get("outputs", {}).items():
         class_type = workflow.get(node_id, {}).get("class_type", "")
         for image in output.get("images", []):
@@ -320,14 +544,31 @@ def save_outputs(server: Server, entry: dict, workflow: dict, out_dir: Path) -> 
             target = out_dir / image["filename"]
             target.write_bytes(server.request(f"/view?{query}", raw=True))
             written.append(target)
-        if class_type in TEXT_OUTPUT_NODES and output.get("text"):
-            target = out_dir / f"prompt_{node_id}.txt"
-            target.write_text("\n".join(output["text"]), encoding="utf-8")
-            written.append(target)
+        if class_type in TEXT_OUTPUT_NODES and "prompt" in output:
+            write(f"prompt_{node_id}.txt", "".join(output["prompt"]))
+            if "".join(output.get("source_prompt", [])):
+                write(f"source_prompt_{node_id}.txt", "".join(output["source_prompt"]))
+            if output.get("notes"):
+                write(f"notes_{node_id}.txt", "\n".join(output["notes"]) + "\n")
+        elif class_type in TEXT_OUTPUT_NODES and output.get("text"):
+            write(f"prompt_{node_id}.txt", "\n".join(output["text"]))  # a pack version without the bare prompt
+        elif output.get("text") and class_type.startswith(("LLMGA", "DiffRIR")):
+            write(f"notes_{node_id}.txt", "\n".join(output["text"]) + "\n")
     return written
 
 
-def main(argv=None) -> int:
+def normalise_argv(argv: list[str]) -> list[str]:
+    """`--comfyui-args --cpu` as README writes it: argparse would read "--cpu" as an option of its own, so
+    the value is glued on (`--comfyui-args=--cpu`) before parsing."""
+    out = []
+    items = iter(argv)
+    for arg in items:
+        value = next(items, None) if arg == "--comfyui-args" else None
+        out.append(arg if value is None else f"--comfyui-args={value}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llmga_core.run_workflow", description=__doc__.split("\n\n")[0])
     parser.add_argument("workflow", type=Path, help="an API-format workflow, e.g. workflows/api/llmga_t2i_sd15.json")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="[NODE.]INPUT=VALUE",
@@ -337,25 +578,45 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("llmga_output"), help="folder for images and prompts")
     parser.add_argument("--server", help="use a running ComfyUI at this URL instead of starting one")
     parser.add_argument("--comfyui", type=Path, help="ComfyUI folder to start (default: the one this pack is in)")
-    parser.add_argument("--comfyui-args", default="", help="extra arguments for ComfyUI's main.py, e.g. '--cpu'")
+    parser.add_argument("--comfyui-args", dest="comfyui_args", action="append", default=[], metavar="ARGS",
+                        help="extra arguments for ComfyUI's main.py, e.g. --comfyui-args \"--cpu --lowvram\" "
+                             "(repeatable); --cpu is added by itself when torch sees no GPU")
     parser.add_argument("--download", action="store_true",
                         help="download missing released models with huggingface_hub before running")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def comfyui_arguments(args) -> list[str]:
+    extra = [part for chunk in args.comfyui_args for part in shlex.split(chunk)]
+    if not any(a == flag or a.startswith(flag + "=") for a in extra for flag in DEVICE_FLAGS) and not has_usable_gpu():
+        print("[llmga] torch sees no usable GPU here, so ComfyUI starts with --cpu (slow; "
+              "pass --comfyui-args=--cpu to choose it yourself)", flush=True)
+        extra.append("--cpu")
+    return extra
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(normalise_argv(list(sys.argv[1:] if argv is None else argv)))
     try:
         workflow = load_api_workflow(args.workflow)
         apply_settings(workflow, args.settings)
         if args.server:
             server = Server(args.server)
             if not server.alive():
-                raise WorkflowError(f"No ComfyUI answers at {args.server}.")
+                raise WorkflowError(f"No ComfyUI answers at {args.server}; start it, or leave out --server to let "
+                                    f"this command start one.")
             return run_with(server, workflow, args, models_dir=None)
         comfyui = args.comfyui or default_comfyui_dir()
         if comfyui is None or not (Path(comfyui) / "main.py").is_file():
-            raise WorkflowError("Cannot find ComfyUI: pass --comfyui DIR (the folder with main.py) or --server URL.")
+            raise WorkflowError("Cannot find ComfyUI: run this from the pack folder inside ComfyUI/custom_nodes, or "
+                                "pass --comfyui DIR (the folder with main.py) or --server URL.")
+        extra = comfyui_arguments(args)
+        base = option_value(extra, "--base-directory")
+        models_dir = (Path(base).absolute() if base else Path(comfyui).absolute()) / "models"
         args.out.mkdir(parents=True, exist_ok=True)
-        with local_comfyui(Path(comfyui), args.comfyui_args.split(), args.out / "comfyui.log") as server:
-            return run_with(server, workflow, args, models_dir=Path(comfyui) / "models")
+        with local_comfyui(Path(comfyui), extra, (args.out / "comfyui.log").absolute()) as server:
+            return run_with(server, workflow, args, models_dir=models_dir)
     except WorkflowError as e:
         print(f"[llmga] error: {e}", file=sys.stderr)
         return 2
@@ -366,21 +627,15 @@ def run_with(server: Server, workflow: dict, args, models_dir: Path | None) -> i
     if missing:
         if args.download and models_dir is not None:
             download_models(missing, models_dir)
-            server.request("/object_info")  # refreshes the host's model lists
-            missing = missing_models(server, workflow)
+            missing = missing_models(server, workflow)  # the loaders list their folders afresh
         elif args.download:
-            raise WorkflowError("--download needs a local ComfyUI (not --server): the files go in its models folder.")
+            raise WorkflowError("--download needs a ComfyUI this command starts (not --server): the files go in "
+                                "its models folder.")
         if missing:
-            raise WorkflowError(describe_missing(missing, str(models_dir or "<ComfyUI>/models")))
-    for spec in args.image:
-        node_sel, _, path = spec.rpartition("=")
-        name = server.upload_image(Path(path))
-        targets = [n for nid, n in workflow.items() if n["class_type"] == "LoadImage"
-                   and (not node_sel or node_sel in (nid, n.get("_meta", {}).get("title")))]
-        if not targets:
-            raise WorkflowError(f"--image {spec!r}: the workflow has no matching LoadImage node.")
-        for node in targets:
-            node["inputs"]["image"] = name
+            raise WorkflowError(describe_missing(missing, None if models_dir is None else str(models_dir),
+                                                 server.url))
+    set_images(server, workflow, args.image)
+    provide_example_images(server, workflow)
     entry = run_prompt(server, workflow, args.timeout)
     for path in save_outputs(server, entry, workflow, args.out):
         print(f"[llmga] wrote {path}", flush=True)

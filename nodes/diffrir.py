@@ -16,10 +16,13 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..llmga_core.diffrir import MIN_TILE_SIZE, check_inputs, empty_masks, estimate_memory, load_diffrir, restore
+from ..llmga_core.diffrir import (MIN_TILE_SIZE, check_inputs, empty_masks, estimate_memory, load_diffrir, restore,
+                                   smaller_tile_size)
 from .paths import DIFFRIR_FOLDER, register_model_folders, resolve_model_path
 
 register_model_folders()  # idempotent; lets the combo list models/diffrir even if imported alone
+
+log = logging.getLogger("llmga")
 
 DiffRIRModel = io.Custom("DIFFRIR_MODEL")
 
@@ -42,7 +45,7 @@ class DiffRIRLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model_name) -> io.NodeOutput:
         net = load_diffrir(resolve_model_path(DIFFRIR_FOLDER, model_name, want_dir=False))
-        logging.info("Loaded DiffRIR x%d from %s", net.scale, model_name)
+        log.info("Loaded DiffRIR x%d from %s", net.scale, model_name)
         return io.NodeOutput(net)
 
 
@@ -109,7 +112,7 @@ class DiffRIRRestore(io.ComfyNode):
             else:
                 note = (f"DiffRIR: the masks of images {numbers} are empty, so nothing was restored there; "
                         f"they are returned as the references.")
-            logging.info(note)
+            log.info(note)
         out = restored.movedim(1, -1).to(model_management.intermediate_device())
         return io.NodeOutput(out, ui=ui.PreviewText(note) if note else None)
 
@@ -128,11 +131,10 @@ class DiffRIRRestore(io.ComfyNode):
                     return restore(net, generated, original, mask, seed=seed, tile_size=tile,
                                    progress=lambda done, total: pbar.update_absolute(done, total))
                 except model_management.OOM_EXCEPTION:
-                    # like ImageUpscaleWithModel: halve the tile (tiling is exact, so only speed changes)
-                    tile = (max(height, width) if tile is None else tile) // 2 // MIN_TILE_SIZE * MIN_TILE_SIZE
-                    if tile < MIN_TILE_SIZE:
+                    tile = smaller_tile_size(tile, height, width)  # like ImageUpscaleWithModel's halving
+                    if tile is None:
                         raise
-                    logging.warning("DiffRIR ran out of memory; retrying with %d-pixel tiles.", tile)
+                    log.warning("DiffRIR ran out of memory; retrying with %d-pixel tiles.", tile)
                     model_management.soft_empty_cache()
         finally:
             net.to(model_management.unet_offload_device())

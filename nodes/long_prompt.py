@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import warnings
 
-import torch
-
 import comfy.sd1_clip
 import comfy.sdxl_clip
 from comfy_api.latest import io, ui
@@ -72,17 +70,13 @@ def host_tokenizer_specs(clip, encoders) -> dict[str, TokenizerSpec]:
 def host_chunk_encoder(clip, recipe):
     """ChunkEncoder on the host CLIP: one encode_from_tokens call per prompt.
 
-    The host encodes every 77-token row on its own and joins them along the sequence, and pools the
-    FIRST row; LLMGA pools the LAST chunk, so the last chunk is sent first and moved back after.
+    The host encodes every 77-token row on its own, joins them along the sequence and pools the first
+    row, which is the ChunkEncoder contract (POOLED_CHUNK = 0), so the chunks go to it as given.
     """
     def encode_chunks(chunks: dict[str, list[list[int]]]):
-        n = len(chunks[recipe.encoders[0]])
-        order = [n - 1, *range(n - 1)]
-        tokens = {key: [[(int(t), 1.0) for t in chunks[key][i]] for i in order] for key in recipe.encoders}
+        tokens = {key: [[(int(t), 1.0) for t in chunk] for chunk in chunks[key]] for key in recipe.encoders}
         cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-        hidden = cond.reshape(n, CHUNK_LENGTH, cond.shape[-1])
-        hidden = torch.cat([hidden[1:], hidden[:1]], dim=0)
-        return hidden, pooled
+        return cond.reshape(-1, CHUNK_LENGTH, cond.shape[-1]), pooled
 
     return encode_chunks
 

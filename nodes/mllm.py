@@ -18,6 +18,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..llmga_core.mllm import TASKS, load_mllm
+from ..llmga_core.mllm.loader import VisionTowerNotFoundError, is_vision_tower_folder
 from ..llmga_core.mllm.prompts import user_text
 from .paths import MLLM_FOLDER, list_model_dirs, resolve_model_path
 
@@ -28,6 +29,18 @@ DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "f
 
 MLLMType = io.Custom("LLMGA_MLLM")
 ConversationType = io.Custom("LLMGA_CONVERSATION")
+
+
+class PromptText(ui.PreviewText):
+    """What the node shows ("text"), plus the bare prompt, source prompt and notes apart for API clients
+    (the run command's prompt_<node>.txt)."""
+
+    def __init__(self, shown: str, *, prompt: str, source_prompt: str, notes: list[str]):
+        super().__init__(shown)
+        self.parts = {"prompt": (prompt,), "source_prompt": (source_prompt,), "notes": tuple(notes)}
+
+    def as_dict(self):
+        return {**super().as_dict(), **self.parts}
 
 
 class LoadedMLLM:
@@ -75,7 +88,8 @@ class LLMGAMLLMLoader(io.ComfyNode):
             category="LLMGA/loaders",
             description="Loads an LLMGA multimodal LLM folder (as released on Hugging Face) from models/LLM.",
             inputs=[
-                io.Combo.Input("model_name", options=list_model_dirs(MLLM_FOLDER, "config.json"),
+                io.Combo.Input("model_name", options=list_model_dirs(MLLM_FOLDER, "config.json",
+                                                                     skip=is_vision_tower_folder),
                                tooltip="A folder under models/LLM, e.g. llmga-Qwen2-0.5B-full-finetune. The CLIP "
                                        "vision tower openai/clip-vit-large-patch14-336 goes beside it or under "
                                        "models/clip_vision/clip-vit-large-patch14-336."),
@@ -90,8 +104,17 @@ class LLMGAMLLMLoader(io.ComfyNode):
         folder = resolve_model_path(MLLM_FOLDER, model_name, want_dir=True)
         load_device = mm.get_torch_device()
         offload_device = mm.text_encoder_offload_device()
-        mllm = load_mllm(folder, vision_tower=find_vision_tower_in_clip_vision(), device=offload_device,
-                         dtype=choose_dtype(dtype, load_device))
+        try:
+            mllm = load_mllm(folder, vision_tower=find_vision_tower_in_clip_vision(), device=offload_device,
+                             dtype=choose_dtype(dtype, load_device))
+        except VisionTowerNotFoundError as e:
+            # the library's sentence ends with a Python argument; node users place folders instead
+            roots = folder_paths.get_folder_paths("clip_vision")
+            where = os.path.join(roots[0], e.folder_name) if roots else f"models/clip_vision/{e.folder_name}"
+            raise FileNotFoundError(
+                f"The MLLM needs the CLIP vision tower {e.tower_id}, which is not installed: download it (config.json, "
+                f"preprocessor_config.json and weights) into {where}, or into a folder named {e.folder_name} beside "
+                f"the model folder ({os.path.join(os.path.dirname(folder), e.folder_name)}), then run again.") from None
         patcher = comfy.model_patcher.ModelPatcher(mllm.model, load_device=load_device,
                                                    offload_device=offload_device, size=mllm.size_bytes())
         return io.NodeOutput(LoadedMLLM(mllm, patcher))
@@ -178,7 +201,8 @@ class LLMGAPromptGenerator(io.ComfyNode):
         shown = reply.prompt if task != "editing" else reply.prompt + "\n\nsource: " + source
         if notes:
             shown += "\n\n[" + " ".join(notes) + "]"
-        return io.NodeOutput(reply.prompt, reply.response, reply.conversation, source, ui=ui.PreviewText(shown))
+        return io.NodeOutput(reply.prompt, reply.response, reply.conversation, source,
+                             ui=PromptText(shown, prompt=reply.prompt, source_prompt=source, notes=notes))
 
 
 def check_image_inputs(task: str, image, mask, conversation) -> None:

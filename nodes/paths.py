@@ -24,24 +24,20 @@ def register_model_folders() -> None:
     if _registered:
         return
     for kind, exts in ((MLLM_FOLDER, set()), (DIFFRIR_FOLDER, {".pth", ".pt", ".safetensors"})):
-        default = os.path.join(folder_paths.models_dir, kind)
-        if kind not in folder_paths.folder_names_and_paths:
-            folder_paths.folder_names_and_paths[kind] = ([default], exts)
-        else:
-            paths, known = folder_paths.folder_names_and_paths[kind]
-            if default not in paths:
-                paths.append(default)
-            if exts:
-                known.update(exts)
+        # after any roots extra_model_paths.yaml added; the host has no call for extensions, so they are added
+        # to the set it keeps for the kind (an empty set lists every file)
+        folder_paths.add_model_folder_path(kind, os.path.join(folder_paths.models_dir, kind))
+        folder_paths.folder_names_and_paths[kind][1].update(exts)
     _registered = True
 
 
-def list_model_dirs(kind: str, marker: str) -> list[str]:
+def list_model_dirs(kind: str, marker: str, skip=None) -> list[str]:
     """Folders (relative to any root of `kind`) that contain the file `marker`, sorted.
 
     Like the host's DiffusersLoader: walks every root, follows links, and names a folder
     by its path relative to the root ("/" separated so workflows are portable). Folders inside a
-    listed folder are not listed (an MLLM folder may hold its CLIP vision tower).
+    listed folder are not listed (an MLLM folder may hold its CLIP vision tower), nor folders for which
+    skip(path) is true (a vision tower beside the MLLM folders).
     """
     found = set()
     for root in folder_paths.get_folder_paths(kind):
@@ -50,15 +46,10 @@ def list_model_dirs(kind: str, marker: str) -> list[str]:
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             if marker in filenames and os.path.abspath(dirpath) != os.path.abspath(root):
-                found.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+                if skip is None or not skip(dirpath):
+                    found.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
                 dirnames[:] = []  # a model's own subfolders (a vision tower inside it, unet/) are not models
     return sorted(found)
-
-
-def _inside(root: str, candidate: str) -> bool:
-    root = os.path.realpath(root)
-    candidate = os.path.realpath(candidate)
-    return os.path.commonpath([root, candidate]) == root
 
 
 def resolve_model_path(kind: str, name: str, *, want_dir: bool) -> str:
@@ -67,14 +58,16 @@ def resolve_model_path(kind: str, name: str, *, want_dir: bool) -> str:
         raise ValueError(f"Model name {name!r} must be a path inside the {kind} model folders "
                          f"(no absolute paths, no '..').")
     roots = folder_paths.get_folder_paths(kind)
-    for root in roots:
-        candidate = os.path.join(root, name)
-        # a symlinked model folder is fine; the name itself may not climb out of the root
-        if not os.path.normpath(candidate).startswith(os.path.normpath(root) + os.sep):
-            continue
-        ok = os.path.isdir(candidate) if want_dir else os.path.isfile(candidate)
-        if ok:
-            return candidate
+    if want_dir:  # the host looks up files only
+        for root in roots:
+            candidate = os.path.join(root, name)
+            # a symlinked model folder is fine; the name itself may not climb out of the root
+            if os.path.normpath(candidate).startswith(os.path.normpath(root) + os.sep) and os.path.isdir(candidate):
+                return candidate
+    else:  # the host's own lookup, as its loaders use it; get_full_path_or_raise's text would not say where
+        found = folder_paths.get_full_path(kind, name)
+        if found is not None:
+            return found
     where = ", ".join(roots) or f"models/{kind}"
     what = "folder" if want_dir else "file"
     raise FileNotFoundError(f"No {kind} model {what} named {name!r}; put it under {where} "

@@ -69,7 +69,7 @@ def free_port() -> int:
 class ComfyServer:
     """A real `main.py --cpu` on 127.0.0.1 with this pack linked into a private base directory."""
 
-    def __init__(self, base: Path, extra_args=()):
+    def __init__(self, base: Path, extra_args=(), env=None):
         self.base = Path(base)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -80,6 +80,7 @@ class ComfyServer:
             link.symlink_to(REPO, target_is_directory=True)
         self.log_path = self.base / "server.log"
         self.extra_args = list(extra_args)
+        self.env = None if env is None else {**os.environ, **env}
         self.proc = None
 
     def start(self, timeout=180):
@@ -87,7 +88,7 @@ class ComfyServer:
                "--base-directory", str(self.base), "--disable-auto-launch",
                "--database-url", "sqlite:///:memory:", *self.extra_args]
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -144,3 +145,268 @@ class ComfyServer:
 
     def run(self, prompt: dict, timeout=300) -> dict:
         return self.wait(self.queue(prompt), timeout)
+
+    def alive(self) -> bool:
+        """The process runs and answers HTTP."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            self.get("/system_stats")
+            return True
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def interrupt(self, prompt_id: str | None = None):
+        return self.post("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
+
+    def free(self, unload_models=True, free_memory=True):
+        return self.post("/free", {"unload_models": unload_models, "free_memory": free_memory})
+
+
+# ------------------------------------------------------------------------------------- shared tiny models
+MLLM_MODELS = {  # released folder names the shipped workflows use -> tiny fixture family
+    "llmga-vicuna-7b-v1.5-full-finetune": "vicuna",
+    "llmga-llama3-8b-it-full-finetune": "llama3",
+    "llmga-Qwen2-0.5B-full-finetune": "qwen2",
+}
+SD_MODELS = {"llmga-sd15-t2i-v2": "sd15", "llmga-sdxl-t2i": "sdxl",
+             "llmga-sd15-inpainting-v2": "sd15-inpaint", "llmga-sdxl-inpainting-v2": "sdxl-inpaint"}
+VISION_TOWER = "clip-vit-large-patch14-336"
+DIFFRIR_X1 = "DiffRIR_x1.pth"
+EDIT_VAE = "vae-ft-mse-840000-ema-pruned.safetensors"  # what the editing workflow loads, as the original
+_TINY_MODELS: Path | None = None
+
+
+def tiny_models() -> Path:
+    """One models/ tree per process with every model the shipped workflows name, at tiny sizes (built on
+    first use, removed at exit); servers link to it with models_base()."""
+    global _TINY_MODELS
+    if _TINY_MODELS is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        from tests.fixtures.tiny_diffrir import make_diffrir_weights
+        from tests.fixtures.tiny_mllm import make_mllm_folder, make_vision_tower
+        from tests.fixtures.tiny_sd import make_sd_folder
+
+        root = Path(tempfile.mkdtemp(prefix="llmga-models-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        for name, family in MLLM_MODELS.items():
+            make_mllm_folder(root / "LLM", family, name=name)
+        make_vision_tower(root / "clip_vision" / VISION_TOWER)
+        for name, kind in SD_MODELS.items():
+            # the SD1.5 UNet with attention at its low-resolution level only: editing runs at 512²
+            make_sd_folder(root / "diffusers", kind, name=name, light=kind == "sd15")
+        write_vae_file(root / "vae" / EDIT_VAE)
+        (root / "diffrir").mkdir()
+        make_diffrir_weights(root / "diffrir" / DIFFRIR_X1, scale=1)
+        _TINY_MODELS = root
+    return _TINY_MODELS
+
+
+def write_vae_file(path: Path) -> None:
+    """A random VAE of the real SD architecture (the host's VAELoader accepts no smaller one) as one float16
+    safetensors file with diffusers keys, which the host converts."""
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    save_file({k: v.half().contiguous() for k, v in vae.state_dict().items()}, str(path))
+
+
+def models_base(base: Path) -> Path:
+    """A ComfyUI base directory with this pack linked into custom_nodes/ (as ComfyServer does) and whose
+    models/<kind>/<name> entries link to tiny_models(), so a test can add, damage or remove models of its own
+    there without touching other servers' models."""
+    base = Path(base)
+    shared = tiny_models()
+    for kind in ("LLM", "clip_vision", "diffusers", "diffrir", "vae"):
+        (base / "models" / kind).mkdir(parents=True, exist_ok=True)
+        for entry in (shared / kind).iterdir():
+            link = base / "models" / kind / entry.name
+            if not link.exists():
+                link.symlink_to(entry, target_is_directory=entry.is_dir())
+    pack = base / "custom_nodes" / "comfyui-llmga"
+    pack.parent.mkdir(parents=True, exist_ok=True)
+    if not pack.exists():
+        pack.symlink_to(REPO, target_is_directory=True)
+    return base
+
+
+# One OpenMP thread in the servers the tests start: on a shared 2-core machine a second thread that is
+# descheduled made tiny-model steps up to 150x slower (3 s instead of 20 ms per sampler step).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def process_rss_bytes(pid: int) -> int:
+    """Resident memory of a process (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def execution_error(entry: dict) -> dict | None:
+    """The execution_error message of a finished prompt's history entry (None when there is none)."""
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            return data
+    return None
+
+
+def executed_nodes(entry: dict) -> set[str]:
+    """Node ids that really ran for a finished prompt (the others came from the cache)."""
+    cached = set()
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_cached":
+            cached.update(data.get("nodes", []))
+    return set(entry["prompt"][2]) - cached
+
+
+class ProgressWatch:
+    """The server's websocket for one client, on a thread: waits for a node's progress events (so a test
+    can interrupt or free memory while that node is running)."""
+
+    def __init__(self, server: "ComfyServer"):
+        import threading
+
+        self.server = server
+        self.events = []
+        self._cond = threading.Condition()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the websocket did not connect")
+
+    def _run(self):
+        import asyncio
+
+        import aiohttp
+
+        async def listen():
+            url = self.server.url.replace("http", "ws", 1) + f"/ws?clientId={self.server.client_id}"
+            async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+                self._ready.set()
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        with self._cond:
+                            self.events.append(json.loads(msg.data))
+                            self._cond.notify_all()
+                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        break
+
+        try:
+            asyncio.run(listen())
+        except Exception:  # the server went away; waiters time out and say so
+            self._ready.set()
+
+    def wait_progress(self, prompt_id: str, node: str, at_least: int = 1, timeout: float = 120) -> dict:
+        """The first progress event of `node` in `prompt_id` with value >= at_least."""
+        def match():
+            for event in self.events:
+                data = event.get("data", {})
+                if (event.get("type") == "progress" and data.get("prompt_id") == prompt_id
+                        and data.get("node") == node and data.get("value", 0) >= at_least):
+                    return data
+            return None
+
+        with self._cond:
+            if not self._cond.wait_for(match, timeout):
+                raise TimeoutError(f"node {node} of prompt {prompt_id} reported no progress >= {at_least} "
+                                   f"within {timeout}s")
+            return match()
+
+    def last_progress(self, prompt_id: str, node: str) -> dict | None:
+        with self._cond:
+            found = [e["data"] for e in self.events if e.get("type") == "progress"
+                     and e["data"].get("prompt_id") == prompt_id and e["data"].get("node") == node]
+        return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------------------- workflows at test size
+def small_workflow(workflow: dict) -> dict:
+    """A shipped workflow at tiny-model size: few steps, a small canvas, few new tokens, float32 MLLM."""
+    for node in workflow.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind in ("KSampler", "KSamplerAdvanced"):
+            inputs["steps"] = 2
+            if "start_at_step" in inputs:
+                inputs["start_at_step"] = min(inputs["start_at_step"], 1)
+        elif kind in ("EmptyLatentImage", "ImageScale"):
+            inputs["width"] = inputs["height"] = 64
+        elif kind == "LLMGAPromptGenerator":
+            inputs["max_new_tokens"] = 12
+        elif kind == "LLMGAMLLMLoader":
+            inputs["dtype"] = "float32"
+        elif kind == "ImagePadForOutpaint":
+            for side in ("left", "top", "right", "bottom"):
+                inputs[side] = min(inputs[side], 32)
+        elif kind == "DiffRIRRestore":
+            inputs["tile_size"] = 32
+        elif kind == "LLMGAEdit":
+            inputs["steps"] = 2  # the edit itself stays at the original's 512²
+    return workflow
+
+
+def shipped_workflow(name: str, seed: int | None = None) -> dict:
+    """workflows/api/<name>.json at test size; `seed` replaces every seed widget (MLLM, sampler, edit)."""
+    workflow = small_workflow(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
+    if seed is not None:
+        for node in workflow.values():
+            if "seed" in node["inputs"]:
+                node["inputs"]["seed"] = seed
+    return workflow
+
+
+LOADERS = {"LLMGAMLLMLoader": "model_name", "LLMGACheckpointLoader": "model_name", "DiffRIRLoader": "model_name",
+           "VAELoader": "vae_name"}
+
+
+def model_loads(entry: dict) -> list[tuple[str, str]]:
+    """(loader class, model name) for each loader that really ran for a finished prompt."""
+    prompt = entry["prompt"][2]
+    return [(prompt[n]["class_type"], prompt[n]["inputs"][LOADERS[prompt[n]["class_type"]]])
+            for n in executed_nodes(entry) if prompt[n]["class_type"] in LOADERS]
+
+
+def prompt_seconds(entry: dict) -> float | None:
+    """Execution time of a finished prompt from the server's own timestamps (queue wait excluded)."""
+    stamps = {kind: data.get("timestamp") for kind, data in entry.get("status", {}).get("messages", [])}
+    end = stamps.get("execution_success") or stamps.get("execution_error") or stamps.get("execution_interrupted")
+    return None if end is None or stamps.get("execution_start") is None else (end - stamps["execution_start"]) / 1000
+
+
+def run_load(server: ComfyServer, prompts: list[tuple[str, dict]], timeout: float = 3600) -> dict:
+    """Queues every (label, prompt) at once, as a pipeline does, waits until the queue is empty, and reads each
+    prompt's fate from /history: completed, failed, lost (queued but never finished) or refused at /prompt."""
+    queued, refused = [], 0
+    for label, prompt in prompts:
+        status, body = server.post("/prompt", {"prompt": prompt, "client_id": server.client_id})
+        if status == 200 and not body.get("node_errors"):
+            queued.append((label, body["prompt_id"]))
+        else:
+            refused += 1
+    deadline = time.time() + timeout
+    while time.time() < deadline and server.alive():
+        queue = server.get("/queue")
+        if not queue["queue_running"] and not queue["queue_pending"]:
+            break
+        time.sleep(0.5)
+    history = server.get("/history") if server.alive() else {}
+    result = {"completed": [], "failed": [], "lost": [], "refused": refused}
+    for label, prompt_id in queued:
+        entry = history.get(prompt_id)
+        if entry is None or entry.get("status", {}).get("completed") is None:
+            result["lost"].append((label, prompt_id))
+        elif entry["status"]["status_str"] == "success":
+            result["completed"].append((label, entry))
+        else:
+            result["failed"].append((label, entry))
+    return result

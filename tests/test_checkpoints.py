@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -17,40 +18,13 @@ from safetensors.torch import load_file
 
 from llmga_core.checkpoints import (SDFolderError, clip_keys_with_text_model_prefix, inspect_sd_folder,
                                     ldm_unet_config, load_state_dict)
+from tests.fixtures.full_size_sd import SD15_UNET, SDXL_UNET
 from tests.fixtures.tiny_sd import RELEASED_NAMES, make_sd_folder
 
 KINDS = ["sd15", "sd15-inpaint", "sdxl", "sdxl-inpaint"]
 UNET_TOL = 1e-4
 CLIP_TOL = 1e-5
 VAE_TOL = 1e-4
-
-# unet/config.json of the bases LLMGA fine-tuned (runwayml/stable-diffusion-v1-5,
-# stabilityai/stable-diffusion-xl-base-1.0); the inpainting bases differ only in in_channels 9.
-SD15_UNET = {
-    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-SDXL_UNET = {
-    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280], "center_input_sample": False, "class_embed_type": None,
-    "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 2048,
-    "cross_attention_norm": None, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05, "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None,
-    "only_cross_attention": False, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
-    "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "resnet_time_scale_shift": "default",
-    "sample_size": 128, "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
-    "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
-    "use_linear_projection": True,
-}
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -334,8 +308,9 @@ def test_bin_weights_load_with_weights_only(folders, tmp_path, ckpt):
     torch.save({"conv_in.weight": torch.zeros(1), "hook": _Unpicklable()}, evil)
     with pytest.raises(SDFolderError) as e:
         load_state_dict(info.unet_files)
-    assert _message(e) == (f"{evil} holds pickled objects other than tensors, which are not loaded for safety; "
-                           f"use the folder's .safetensors files instead.")
+    assert _message(e) == (f"{evil} holds pickled objects other than tensors ({_Unpicklable.__module__}._Unpicklable), "
+                           f"so it was refused and nothing in it was run; use the model's .safetensors files or "
+                           f"download it again from its release.")
 
 
 class _Unpicklable:
@@ -435,6 +410,32 @@ def test_weights_that_do_not_fit_the_config(folders, tmp_path):
         inspect_sd_folder(folder)
     assert _message(e) == (f"{folder / 'unet'} weights do not match its config.json (conv_in is [32, 9, 3, 3], "
                            f"the config says 32 channels from 4 inputs); download it again.")
+
+
+def test_tiny_sizes_take_the_adapter_and_say_so(folders, ckpt, caplog):
+    """The host's loaders know only the released sizes; the tiny folders are built from config.json."""
+    with caplog.at_level(logging.INFO, logger="llmga"):
+        ckpt.load_sd_folder(folders["sdxl"])
+    folder = folders["sdxl"]
+    assert f"{folder / 'unet'}: a UNet size the host's detection does not know; built from its config.json" \
+        in caplog.messages
+    assert (f"{folder}: text encoder sizes the host's CLIP loader does not know; built from their config.json"
+            in caplog.messages)
+
+
+def test_weights_that_do_not_fit_are_refused_after_loading(folders, tmp_path, ckpt):
+    from safetensors.torch import save_file
+
+    folder = _copy(folders["sd15"], tmp_path)
+    path = folder / "unet/diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    state["extra.weight"] = torch.zeros(1)
+    del state["conv_out.bias"]
+    save_file(state, path)
+    with pytest.raises(ValueError) as e:  # the pack's own SDFolderError (imported under the pack's name)
+        ckpt.load_sd_folder(folder)
+    assert _message(e) == (f"{folder / 'unet'}: the weights do not fit its config.json (1 missing, e.g. out.2.bias; "
+                           f"1 unexpected, e.g. extra.weight); download that folder again.")
 
 
 def test_sdxl_without_second_text_encoder(folders, tmp_path):

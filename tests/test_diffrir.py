@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from llmga_core.diffrir import DiffRIRConfig, DiffRIRS2, load_diffrir, restore
 from tests.fixtures.tiny_diffrir import diffrir_state_dict, make_diffrir_weights
+from tests.fixtures.unsafe_pickle import CreatesAFile
 
 PRIOR = 32  # 4 · prior_feats of the tiny fixture
 HINT = "use a DiffRIR x1/x2/x4 .pth or .safetensors file."
@@ -183,15 +184,13 @@ def test_loads_each_scale_and_format_strictly(tmp_path, scale, fmt):
 
 def test_params_is_used_only_without_params_ema(tmp_path, caplog):
     path = make_diffrir_weights(tmp_path / "p.pth", 1, key="params", seed=5)
-    with caplog.at_level(logging.WARNING, logger="llmga_core.diffrir"):
+    with caplog.at_level(logging.WARNING, logger="llmga"):
         net = load_diffrir(path)
-    assert net.weights_source == "params"
     assert "p.pth has no 'params_ema'" in caplog.text and "using its 'params'" in caplog.text
     assert torch.equal(net.state_dict()["G.tail.1.weight"], diffrir_state_dict(1, seed=5)["G.tail.1.weight"])
 
     both = make_diffrir_weights(tmp_path / "both.pth", 1, key="both", seed=5)
-    net = load_diffrir(both)
-    assert net.weights_source == "params_ema"
+    net = load_diffrir(both)  # its `params` are other weights, so equality below shows params_ema was used
     assert torch.equal(net.state_dict()["G.tail.1.weight"], diffrir_state_dict(1, seed=5)["G.tail.1.weight"])
 
 
@@ -254,38 +253,31 @@ def test_load_refuses_files_that_are_not_diffrir(tmp_path):
     garbage.write_bytes(b"\x00\x01 not a checkpoint")
     with pytest.raises(ValueError) as error:
         load_diffrir(garbage)
-    assert str(error.value) == "garbage.pth is not a PyTorch weights file or is damaged; " + HINT
+    assert str(error.value) == (f"{garbage} is corrupt or incomplete (not a readable PyTorch file); "
+                                "download it again.")
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(ValueError) as error:
         load_diffrir(broken)
-    assert str(error.value) == "broken.safetensors is not a readable safetensors file; " + HINT
+    assert str(error.value) == (f"{broken} is corrupt or incomplete (not a readable safetensors file); "
+                                "download it again.")
     with pytest.raises(FileNotFoundError, match="DiffRIR weights not found"):
         load_diffrir(tmp_path / "missing.pth")
-
-
-class _CreatesAFile:
-    """A pickle payload that would create a file when unpickled without weights_only."""
-
-    def __init__(self, target):
-        self.target = str(target)
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
 
 
 def test_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "pwned.txt"
     sd = diffrir_state_dict(1)
-    sd["G.patch_embed.proj.weight"] = _CreatesAFile(marker)
+    sd["G.patch_embed.proj.weight"] = CreatesAFile(marker)
     path = tmp_path / "evil.pth"
     torch.save({"params_ema": sd}, path)
     assert not marker.exists()
     with pytest.raises(ValueError) as error:
         load_diffrir(path)
     assert not marker.exists()
-    assert str(error.value) == ("evil.pth was refused because it contains code (io.open) rather than only "
-                                "tensors; nothing in it was run, use the released weights or a .safetensors file.")
+    assert str(error.value) == (f"{path} holds pickled objects other than tensors (io.open), so it was refused "
+                                "and nothing in it was run; use the model's .safetensors files or download it "
+                                "again from its release.")
 
 
 # ----------------------------------------------------------------------------- fidelity and tiling
@@ -598,3 +590,12 @@ def test_restore_node_halves_the_tile_on_out_of_memory(comfy_inprocess, node_mod
                                            seed=0, tile_size=128)
     assert tiles == [128, 64, 32]
     assert next(net.parameters()).device.type == "cpu"
+
+
+def test_smaller_tile_size_halves_to_a_multiple_of_32():
+    from llmga_core.diffrir import smaller_tile_size
+
+    # whole image first: half the longer side; then halving, each rounded down to a multiple of 32
+    assert smaller_tile_size(None, 64, 256) == 128
+    assert [smaller_tile_size(t, 64, 256) for t in (128, 64, 100, 95)] == [64, 32, 32, 32]
+    assert smaller_tile_size(32, 64, 256) is None and smaller_tile_size(None, 50, 60) is None

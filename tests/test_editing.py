@@ -345,7 +345,7 @@ def test_a_mask_that_selects_nothing_returns_x0(models, case, caplog):
     e = editing.EditEmbeds(f32["mask_source"], f32["mask_target"], f32["source"], f32["uncond"], f32["target"],
                            f32["uncond154"])
     seen = []
-    with caplog.at_level(logging.INFO, logger="llmga_core.editing"):
+    with caplog.at_level(logging.INFO, logger="llmga"):
         result = editing.edit(unet, f32["x0"], e, editing.draw_noise(7, LATENT), mask=torch.zeros(8, 8),
                               alphas_cumprod=editing.scaled_linear_alphas_cumprod(),
                               progress=lambda done, total: seen.append((done, total)))

@@ -1,8 +1,8 @@
 """llmga_core.long_prompt against the facts (reference/long_prompt_and_unet.md §1–§2).
 
 Token ids come from the real CLIP BPE vocabulary the host ships; embeddings from tiny seeded CLIP
-text models, compared with reference encoders written here the way LLMGA's code is structured
-(one flat 75·n+2 id row, windows cut out of it, one model call per window).
+text models, compared with the reference encoders of tests/long_prompt_reference.py (written the way
+LLMGA's code is structured: one flat 75·n+2 id row, windows cut out of it, one model call per window).
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 from llmga_core.long_prompt import (PromptTruncatedWarning, encode_prompt, parse_prompt_attention, plan_prompts,
                                     recipe_for, tokenizer_spec)
 from tests.fixtures.tiny_clip import clip_g_tokenizer, clip_l_tokenizer, make_tiny_clip_text_models
+from tests.long_prompt_reference import (BOS, EOS, close, content_ids, long_weighted, lpw_reference, sdxl_reference,
+                                         training_reference, words)
 
-BOS, EOS = 49406, 49407
 CAT = 2368          # "cat</w>"
-WORDS = ["red", "fox", "snowy", "forest", "dawn", "light", "soft", "tall", "trees", "river", "stone", "cloud"]
 
 
 @pytest.fixture(scope="module")
@@ -33,108 +33,6 @@ def tok_l():
 @pytest.fixture(scope="module")
 def tok_g():
     return clip_g_tokenizer()
-
-
-def words(n: int) -> str:
-    return " ".join(WORDS[i % len(WORDS)] for i in range(n))
-
-
-def content_ids(tokenizer, text: str) -> list[int]:
-    """What LLMGA takes from the tokenizer: input_ids without BOS/EOS."""
-    return tokenizer(text).input_ids[1:-1]
-
-
-# ------------------------------------------------------------------------------------------------
-# Reference encoders (LLMGA's structure, written out)
-# ------------------------------------------------------------------------------------------------
-
-def final_norm(model):
-    return getattr(model, "text_model", model).final_layer_norm
-
-
-def lpw_reference(runs, negative_runs, tokenizer, model, multiples, layer=None):
-    """lpw_stable_diffusion's get_weighted_text_embeddings for explicit (text, weight) runs."""
-    cap = 75 * multiples
-
-    def tokenize(run_list):
-        ids, weights = [], []
-        for text, weight in run_list:
-            t = content_ids(tokenizer, text)
-            ids += t
-            weights += [weight] * len(t)
-        return ids[:cap], weights[:cap]
-
-    pos, neg = tokenize(runs), tokenize(negative_runs)
-    longest = max(len(pos[0]), len(neg[0]))
-    n = max(1, min(multiples, (longest - 1) // 75 + 1))
-
-    def embed(ids, weights):
-        flat = torch.tensor([[BOS] + ids + [EOS] * (75 * n - len(ids)) + [EOS]])
-        outs = []
-        for i in range(n):
-            window = flat[:, 75 * i: 75 * i + 77].clone()
-            window[:, 0], window[:, -1] = flat[0, 0], flat[0, -1]
-            with torch.no_grad():
-                if layer is None:
-                    outs.append(model(window).last_hidden_state)
-                else:
-                    outs.append(final_norm(model)(model(window, output_hidden_states=True).hidden_states[layer]))
-        emb = torch.cat(outs, dim=1)
-        w = torch.ones(77 * n)
-        for t, weight in enumerate(weights):
-            w[77 * (t // 75) + 1 + t % 75] = weight
-        before = emb.mean()
-        emb = emb * w[None, :, None]
-        return emb * (before / emb.mean())
-
-    return embed(*pos), embed(*neg), n
-
-
-def training_reference(text, tokenizer, model):
-    """get_text_index + get_unweighted_text_embeddings(no_boseos_middle=True) for one caption."""
-    ids = tokenizer(text, max_length=302, truncation=True).input_ids[1:-1]
-    n = max(1, min(4, (len(ids) - 1) // 75 + 1))
-    flat = torch.tensor([[BOS] + ids + [EOS] * (75 * n - len(ids)) + [EOS]])
-    if n == 1:
-        with torch.no_grad():
-            return model(flat).last_hidden_state
-    outs = []
-    for i in range(n):
-        window = flat[:, 75 * i: 75 * i + 77].clone()
-        window[:, 0], window[:, -1] = flat[0, 0], flat[0, -1]
-        with torch.no_grad():
-            out = model(window).last_hidden_state
-        outs.append(out[:, :-1] if i == 0 else out[:, 1:] if i == n - 1 else out[:, 1:-1])
-    return torch.cat(outs, dim=1)
-
-
-def sdxl_reference(text, tiny, layer=-2):
-    """pipeline_stable_diffusion_xl_lpw encode_prompt: both encoders, penultimate, 75·n+2, pooled rule."""
-    hidden_parts, pooled = [], None
-    for tokenizer, model in ((tiny.tokenizer, tiny.text_encoder), (tiny.tokenizer_2, tiny.text_encoder_2)):
-        ids = tokenizer(text, max_length=302, truncation=True).input_ids[1:-1]
-        n = max(1, min(4, (len(ids) - 1) // 75 + 1))
-        pad = tokenizer.pad_token_id
-        flat = torch.tensor([[BOS] + ids + [pad] * (75 * n - len(ids)) + [EOS]])
-        outs, first_max = [], None
-        for i in range(n):
-            window = flat[:, 75 * i: 75 * i + 77].clone() if n > 1 else flat
-            window[:, 0], window[:, -1] = flat[0, 0], flat[0, -1]
-            with torch.no_grad():
-                out = model(window, output_hidden_states=True)
-            h = out.hidden_states[layer]
-            if n > 1:
-                h = h[:, :-1] if i == 0 else h[:, 1:] if i == n - 1 else h[:, 1:-1]
-            outs.append(h)
-            if model is tiny.text_encoder_2:
-                # _SDXL2: keep the earlier pooled only where chunk 0's largest id beats this chunk's
-                now_max = window.max(dim=1, keepdim=True).values
-                if first_max is None:
-                    pooled, first_max = out.text_embeds, now_max
-                else:
-                    pooled = torch.where(first_max > now_max, pooled, out.text_embeds)
-        hidden_parts.append(torch.cat(outs, dim=1))
-    return torch.cat(hidden_parts, dim=-1), pooled
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,18 +178,6 @@ def test_sdxl_and_training_keep_brackets_as_text(tok_l):
 # Embeddings against the reference encoders
 # ------------------------------------------------------------------------------------------------
 
-def close(a, b, tol=1e-5):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert (a - b).abs().max().item() <= tol, (a - b).abs().max().item()
-
-
-def long_weighted(n_filler):
-    runs = [("a photo of ", 1.0), ("red fox", 1.5), (", " + words(n_filler) + " ", 1.0), ("bright", 1 / 1.1),
-            (" end", 1.0)]
-    text = f"a photo of (red fox:1.5), {words(n_filler)} [bright] end"
-    return text, runs
-
-
 @pytest.mark.parametrize("pipeline,n_filler,negative,negative_runs,multiples,expected_chunks", [
     ("sd15", 10, None, [("", 1.0)], 3, 1),
     ("sd15", 150, "", [("", 1.0)], 3, 3),
@@ -393,6 +279,31 @@ def test_sdxl_pooled_is_last_chunk_position_76(tiny):
     close(out["pooled_prompt_embeds"], at_76)
     assert (out["pooled_prompt_embeds"] - first_pooled).abs().max() > 1e-3
     assert out["prompt_embeds"].shape == (1, 227, 64)
+
+
+def test_backend_contract_pools_the_chunk_sent_at_pooled_chunk(tok_l, tok_g):
+    """Backends get each distinct chunk once and pool the one at POOLED_CHUNK, which is the prompt's last."""
+    from llmga_core.long_prompt import POOLED_CHUNK, encode_with_backend
+
+    recipe = recipe_for("sdxl")
+    specs = {"l": tokenizer_spec(tok_l), "g": tokenizer_spec(tok_g)}
+    sent = []
+
+    def backend(chunks):  # hidden rows carry the first content id of each chunk; pooled its first id too
+        sent.append(chunks["g"])
+        hidden = torch.tensor([[[float(chunk[1])] * 2] * 77 for chunk in chunks["l"]])
+        return hidden, torch.tensor([[float(chunks["g"][POOLED_CHUNK][1])]])
+
+    text = words(160)  # 3 chunks
+    out = encode_with_backend(text, None, tokenizers=specs, recipe=recipe, encode_chunks=backend)
+    ids = content_ids(tok_g, text)
+    (chunks,) = sent
+    assert sorted(chunk[1] for chunk in chunks) == sorted([ids[0], ids[75], ids[150]])
+    assert chunks[POOLED_CHUNK][1] == ids[150]
+    assert out["pooled_prompt_embeds"].item() == ids[150]
+    # rows back in prompt order: chunk 0 keeps BOS + 75 rows, the middle 75, the last 76 (75·3 + 2)
+    firsts = out["prompt_embeds"][0, :, 0].tolist()
+    assert firsts[0] == firsts[75] == ids[0] and firsts[76] == ids[75] and firsts[-1] == ids[150]
 
 
 def sdxl_encode(tiny, text, negative=None, pipeline="sdxl"):

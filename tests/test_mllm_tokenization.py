@@ -186,7 +186,7 @@ def test_conversation_continues_after_an_answer_cut_inside_a_character(root, ori
         prompt = conversation.prompt("Make it snowy.")
         assert tokenizer_image_token(prompt, mllm.tokenizer) == original_tokenizers.encode(folder, prompt)
         reply = mllm.generate("Make it snowy.", conversation=conversation, max_new_tokens=4)
-        assert reply.conversation.turns == 2
+        assert len(reply.conversation.messages) == 2 * 2
 
 
 # ------------------------------------------------------------------------------- bad folders

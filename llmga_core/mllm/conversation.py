@@ -33,10 +33,6 @@ class Conversation:
     def has_image(self) -> bool:
         return self.pixel_values is not None
 
-    @property
-    def turns(self) -> int:
-        return len(self.messages) // 2
-
     def prompt(self, user_message: str) -> str:
         """The prompt for the next turn: the whole conversation plus `user_message` and the open answer."""
         roles = TEMPLATES[self.template].roles
@@ -49,8 +45,3 @@ class Conversation:
         if pixel_values is not None and self.pixel_values is None:
             changes.update(image_fingerprint=image_fingerprint, pixel_values=pixel_values.detach().to("cpu").clone())
         return replace(self, **changes)
-
-    def transcript(self) -> str:
-        """A readable text of the dialogue (roles without template markup)."""
-        names = ("User", "Assistant")
-        return "\n\n".join(f"{names[i % 2]}: {text}" for i, (_, text) in enumerate(self.messages))

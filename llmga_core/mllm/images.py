@@ -67,15 +67,12 @@ def stretch_to_square(image: Image.Image) -> Image.Image:
 
 
 def editing_crop(rgb: np.ndarray) -> Image.Image:
-    """cli-sd15-editing.py crop_image: centre crop to a square, then 512×512 with PIL's default filter."""
-    h, w = rgb.shape[:2]
-    if h < w:
-        offset = (w - h) // 2
-        rgb = rgb[:, offset:offset + h]
-    elif w < h:
-        offset = (h - w) // 2
-        rgb = rgb[offset:offset + w]
-    return Image.fromarray(np.ascontiguousarray(rgb)).resize((512, 512))
+    """cli-sd15-editing.py crop_image (centre crop to a square, 512×512 with PIL's default filter): the one
+    picture the original shows the MLLM and edits, so the editing library's preparation is used as it is."""
+    from ..editing import prepare_image
+
+    prepared = prepare_image(rgb).image.numpy()
+    return Image.fromarray(np.rint(prepared * 255).astype(np.uint8))
 
 
 def fingerprint(*arrays: np.ndarray | None) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -22,9 +21,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..weights import check_weight_file, iter_weights, read_json, shard_files
 from .templates import FAMILY_TEMPLATES
 
-log = logging.getLogger("llmga.mllm")
+log = logging.getLogger("llmga")
 
 VISION_TOWER_ID = "openai/clip-vit-large-patch14-336"
 
@@ -58,16 +58,6 @@ class FolderInfo:
 
 
 # ------------------------------------------------------------------------------------------- recognition
-def read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} ({what}) could not be read as JSON ({exc}); re-download that file.") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} ({what}) is not a JSON object; re-download that file.")
-    return data
-
-
 def _tokenizer_mentions(folder: Path, needle: str) -> bool:
     for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json"):
         path = folder / name
@@ -96,7 +86,7 @@ def recognise(folder: Path) -> FolderInfo:
     if not config_path.is_file():
         raise ValueError(f"{folder} is not an LLMGA MLLM folder: it has no config.json; give the folder of a "
                          "released LLMGA MLLM such as llmga-Qwen2-0.5B-full-finetune.")
-    config = read_json(config_path, "the model config")
+    config = read_json(config_path)
     if "mm_vision_tower" not in config and "mm_projector_type" not in config:
         raise ValueError(f"{folder} is not an LLMGA MLLM folder: its config.json has no mm_vision_tower / "
                          "mm_projector_type fields (a plain language model?); give a released LLMGA MLLM folder.")
@@ -119,7 +109,7 @@ def recognise(folder: Path) -> FolderInfo:
     generation = {}
     generation_path = folder / "generation_config.json"
     if generation_path.is_file():
-        generation = read_json(generation_path, "the generation config")
+        generation = read_json(generation_path)
         generation["_from_file"] = True
     return FolderInfo(folder=folder, config=config, family=family, template=FAMILY_TEMPLATES[family],
                       generation=generation)
@@ -158,67 +148,12 @@ def checkpoint_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        index = folder / index_name
-        if index.is_file():
-            weight_map = read_json(index, "the weight index").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise ValueError(f"{index} has no weight_map; re-download it.")
-            files = [folder / name for name in dict.fromkeys(weight_map.values())]
-            for path in files:
-                if not path.is_file():
-                    raise FileNotFoundError(f"The weight shard {path.name} listed in {index_name} is missing from "
-                                            f"{folder}; download it (the model folder is incomplete).")
-            return files
+        if (folder / index_name).is_file():
+            return list(shard_files(folder / index_name))
         if (folder / single).is_file():
             return [folder / single]
     raise FileNotFoundError(f"{folder} has no weights (model.safetensors, model-*-of-*.safetensors with "
                             "model.safetensors.index.json, or pytorch_model*.bin); download the model's weight files.")
-
-
-def _check_file(path: Path) -> None:
-    """Cheap validation of a weight file before any heavy work: the safetensors header, or the zip
-    directory of a torch.save file."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                handle.keys()
-        except Exception as exc:
-            raise ValueError(f"The weight file {path} is corrupt or truncated ({exc}); download it again.") from exc
-    else:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                archive.namelist()
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise ValueError(f"The weight file {path} is corrupt or not a torch.save archive ({exc}); "
-                             "download it again.") from exc
-
-
-def iter_tensors(path: Path):
-    """(key, tensor) of one weight file; pickles only through torch.load(weights_only=True)."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for key in handle.keys():
-                    yield key, handle.get_tensor(key)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise ValueError(f"The weight file {path} could not be read ({exc}); download it again.") from exc
-        except Exception as exc:  # safetensors' own error type
-            if type(exc).__name__ == "SafetensorError":
-                raise ValueError(f"The weight file {path} could not be read ({exc}); download it again.") from exc
-            raise
-    else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            raise ValueError(f"The weight file {path} could not be loaded with torch.load(weights_only=True) "
-                             f"({exc}); download it again.") from exc
-        if not isinstance(state, dict):
-            raise ValueError(f"The weight file {path} does not hold a state dict; download it again.")
-        yield from state.items()
 
 
 def no_init_weights():
@@ -266,7 +201,7 @@ def build_projector(config: dict, hidden_size: int, dtype: torch.dtype) -> nn.Se
 def load_weights(files: list[Path], language_model: nn.Module, projector: nn.Module, *, tied: bool) -> None:
     """Copy the checkpoint into the models (cast to their dtype); the bf16 CLIP copy is ignored."""
     for path in files:
-        _check_file(path)
+        check_weight_file(path)
     targets = dict(language_model.state_dict(keep_vars=True))
     targets.update({f"model.mm_projector.{k}": v for k, v in projector.state_dict(keep_vars=True).items()})
     persistent = set(language_model.state_dict())
@@ -274,7 +209,7 @@ def load_weights(files: list[Path], language_model: nn.Module, projector: nn.Mod
     unexpected = []
     with torch.no_grad():
         for path in files:
-            for key, tensor in iter_tensors(path):
+            for key, tensor in iter_weights(path):
                 if key.startswith("model.vision_tower.") or (tied and key == "lm_head.weight"):
                     continue  # CLIP comes from its own folder; a tied head is the embedding
                 target = targets.get(key)
@@ -318,6 +253,27 @@ def shrink_vocabulary(language_model: nn.Module, size: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ vision tower
+class VisionTowerNotFoundError(FileNotFoundError):
+    """No vision tower beside or inside the model folder; carries what a caller needs to say where it goes."""
+
+    def __init__(self, message: str, *, tower_id: str, folder_name: str):
+        super().__init__(message)
+        self.tower_id = tower_id
+        self.folder_name = folder_name
+
+
+def is_vision_tower_folder(path) -> bool:
+    """True for a CLIP folder (whole CLIP or vision-only config.json without LLaVA fields), so model lists can
+    leave out a vision tower that sits beside the MLLM folders."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # unreadable: listed, so that loading it says what is wrong
+    if not isinstance(config, dict) or "mm_vision_tower" in config or "mm_projector_type" in config:
+        return False
+    return config.get("model_type") in ("clip", "clip_vision_model") or "vision_config" in config
+
+
 def find_vision_tower(folder: Path, config: dict, explicit: Optional[str | Path]) -> Path:
     """The CLIP tower folder: explicit, else a folder named like the config's mm_vision_tower (e.g.
     clip-vit-large-patch14-336, or the openai/ layout) beside or inside the model folder."""
@@ -337,10 +293,11 @@ def find_vision_tower(folder: Path, config: dict, explicit: Optional[str | Path]
     for candidate in candidates:
         if (candidate / "config.json").is_file():
             return candidate
-    raise FileNotFoundError(
+    raise VisionTowerNotFoundError(
         f"The CLIP vision tower {tower_id} was not found: download {tower_id} (config.json, "
         f"preprocessor_config.json and weights) into a folder named {tail[-1]} beside the model folder "
-        f"({Path(folder).parent / tail[-1]}) or under models/clip_vision/, or pass its folder as vision_tower.")
+        f"({Path(folder).parent / tail[-1]}) or under models/clip_vision/, or pass its folder as vision_tower.",
+        tower_id=tower_id, folder_name=tail[-1])
 
 
 def load_vision_tower(path: Path) -> nn.Module:
@@ -348,7 +305,7 @@ def load_vision_tower(path: Path) -> nn.Module:
     (openai/… as published) or a vision-only folder."""
     from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModel
 
-    config_dict = read_json(path / "config.json", "the vision tower config")
+    config_dict = read_json(path / "config.json")
     if config_dict.get("model_type") == "clip" or "vision_config" in config_dict:
         vision_config = CLIPConfig.from_dict(config_dict).vision_config
     elif config_dict.get("model_type") in ("clip_vision_model", None):
@@ -368,11 +325,11 @@ def load_vision_tower(path: Path) -> nn.Module:
     if files is None:
         files = checkpoint_files(path)
     for file in files:
-        _check_file(file)
+        check_weight_file(file)
     loaded = set()
     with torch.no_grad():
         for file in files:
-            for key, tensor in iter_tensors(file):
+            for key, tensor in iter_weights(file):
                 for name in (key, key.removeprefix("vision_model."), "vision_model." + key):
                     if name in targets:
                         targets[name].copy_(tensor)

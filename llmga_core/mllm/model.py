@@ -26,7 +26,7 @@ from .prompts import EDITING_FIRST_TURN, TASKS, parse_generation_prompt, user_te
 from .templates import TEMPLATES, cut_output
 from .tokenization import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, decode_answer, load_tokenizer, tokenizer_image_token
 
-log = logging.getLogger("llmga.mllm")
+log = logging.getLogger("llmga")
 
 QUIRKS = (
     "Template per family as the original picks it for the released folder names (llava_v1 for Vicuna, with its "

@@ -129,38 +129,6 @@ FAMILY_TEMPLATES = {
 }
 
 
-def model_name_from_path(path: str) -> str:
-    """get_model_name_from_path (LLMGA: llmga/llava/mm_utils.py)."""
-    parts = str(path).replace("\\", "/").strip("/").split("/")
-    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
-        return parts[-2] + "_" + parts[-1]
-    return parts[-1]
-
-
-def template_from_model_name(model_name: str) -> str:
-    """The CLIs' template choice from the folder name: first substring match wins."""
-    name = model_name.lower()
-    for needle, template in (("llama-2", "llava_llama_2"), ("llama3", "llama_3"), ("gemma", "gemma"),
-                             ("qwen2", "qwen_2"), ("phi-3", "phi_3"), ("mistral", "mistral_instruct"),
-                             ("v1.6-34b", "chatml_direct"), ("v1", "llava_v1"), ("mpt", "mpt")):
-        if needle in name:
-            return template
-    return "llava_v0"
-
-
-def builder_class_from_model_name(model_name: str) -> Optional[str]:
-    """The model class builder.py picks from the folder name (None: not taken as an LLMGA MLLM)."""
-    name = model_name.lower()
-    if "llmga" not in name:
-        return None
-    for needle, cls in (("mpt", "LlavaMptForCausalLM"), ("mistral", "LlavaMistralForCausalLM"),
-                        ("gemma", "LlavaGemmaForCausalLM"), ("qwen2", "LlavaQwen2ForCausalLM"),
-                        ("phi-3", "LlavaPhi3ForCausalLM")):
-        if needle in name:
-            return cls
-    return "LlavaLlamaForCausalLM"
-
-
 def cut_output(template_name: str, text: str) -> str:
     """The printed answer: the stored answer minus the template's fixed number of trailing characters."""
     template = TEMPLATES.get(template_name)

@@ -20,10 +20,11 @@ the folder's clean_up_tokenization_spaces (else the class default: False, True f
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Optional
+
+from ..weights import read_json
 
 IMAGE_TOKEN_INDEX = -200
 IMAGE_TOKEN = "<image>"
@@ -49,16 +50,6 @@ def _token_content(value) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); re-download the {what} of this model.") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object; re-download the {what} of this model.")
-    return data
-
-
 def read_tokenizer_config(folder: Path) -> dict:
     """tokenizer_config.json with special_tokens_map.json's entries filled in where the config lacks them (what
     from_pretrained merges)."""
@@ -66,10 +57,10 @@ def read_tokenizer_config(folder: Path) -> dict:
     config = {}
     path = folder / "tokenizer_config.json"
     if path.is_file():
-        config = _read_json(path, "tokenizer files")
+        config = read_json(path)
     special_map = folder / "special_tokens_map.json"
     if special_map.is_file():
-        for key, value in _read_json(special_map, "tokenizer files").items():
+        for key, value in read_json(special_map).items():
             config.setdefault(key, value)
     return config
 
@@ -473,7 +464,7 @@ def _convert_qwen2(folder: Path, config: dict):
     if missing:
         raise FileNotFoundError(f"{folder} has no tokenizer.json and lacks {' and '.join(missing)}; copy the complete "
                                 f"model folder as released.")
-    vocab = _read_json(vocab_path, "tokenizer files")
+    vocab = read_json(vocab_path)
     ranks: dict[tuple[str, str], None] = {}  # bpe_ranks: later duplicates fold into the first
     for i, line in enumerate(merges_path.read_text(encoding="utf-8").split("\n")):
         line = line.strip()

@@ -1,0 +1,183 @@
+"""DiffRIR restore: input checks, the original's packing, whole-image or tiled inference, compositing.
+
+Input handling ports Zj-BinXia/DiffRIR: inference_diffrir.py (x1) and DiffRIR/models/DiffIR_S2_model.py
+(x2, x4). The library owns every decision about tiles (rounding, the out-of-memory retry size) and empty
+masks, so a caller only translates its own values.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .network import PAD_MULTIPLE, DiffRIRS2, space_to_depth
+from .tiled import MIN_TILE_SIZE, TiledRun
+
+
+def _size(h: int, w: int) -> str:
+    return f"{w}×{h}"
+
+
+def _quarter_tile(tile_size) -> Optional[int]:
+    """The tile side on the quarter grid: tile_size rounded down to a multiple of MIN_TILE_SIZE, divided by 4."""
+    if tile_size is None:
+        return None
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < MIN_TILE_SIZE:
+        raise ValueError(f"tile_size must be None (the whole image at once) or at least {MIN_TILE_SIZE} "
+                         f"output pixels; got {tile_size!r}.")
+    return tile_size // MIN_TILE_SIZE * (MIN_TILE_SIZE // 4)
+
+
+def smaller_tile_size(tile_size: Optional[int], height: int, width: int) -> Optional[int]:
+    """The tile size to retry with after running out of memory at `tile_size` (None = whole image) on a
+    height×width output: half of it (of the longer side when whole), rounded down to a multiple of
+    MIN_TILE_SIZE; None when that is below MIN_TILE_SIZE (nothing smaller to try). Tiling is exact, so
+    only speed changes, as with the host's halving in ImageUpscaleWithModel."""
+    half = (max(height, width) if tile_size is None else tile_size) // 2 // MIN_TILE_SIZE * MIN_TILE_SIZE
+    return half if half >= MIN_TILE_SIZE else None
+
+
+def check_inputs(net: DiffRIRS2, generated, reference, mask, *, noise=None, tile_size=None) -> None:
+    """Raises one clear ValueError for inputs `restore` cannot use (before any heavy work)."""
+    s = net.scale
+    for label, tensor, layout in (("generated image", generated, "B×3×h×w"),
+                                  ("reference", reference, "B×3×H×W"),
+                                  ("mask", mask, "B×1×H×W")):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"The {label} must be a {layout} tensor; got {got}.")
+    if generated.shape[1] != 3 or reference.shape[1] != 3:
+        raise ValueError(f"The generated image and the reference must have 3 (RGB) channels; got "
+                         f"{generated.shape[1]} and {reference.shape[1]}.")
+    if mask.shape[1] not in (1, 3):
+        raise ValueError(f"The mask must have 1 channel (or 3, one per colour); got {mask.shape[1]}.")
+    batches = (generated.shape[0], reference.shape[0], mask.shape[0])
+    if len(set(batches)) != 1:
+        raise ValueError(f"The batch sizes differ: {batches[0]} generated image(s), {batches[1]} "
+                         f"reference(s) and {batches[2]} mask(s); give the same number of each.")
+    H, W = reference.shape[-2:]
+    if H % s or W % s:
+        raise ValueError(f"The reference is {_size(H, W)} pixels, which this x{s} DiffRIR model cannot use: "
+                         f"its width and height must be multiples of {s}; crop or resize it.")
+    h, w = generated.shape[-2:]
+    if (h, w) != (H // s, W // s):
+        needed = "the reference's size" if s == 1 else f"the {_size(H, W)} reference divided by {s}"
+        raise ValueError(f"The generated image is {_size(h, w)} pixels but this x{s} DiffRIR model needs "
+                         f"{_size(H // s, W // s)} ({needed}).")
+    if tuple(mask.shape[-2:]) != (H, W):
+        raise ValueError(f"The mask is {_size(*mask.shape[-2:])} pixels but the reference is {_size(H, W)}; "
+                         f"give a mask of the reference's size.")
+    half = PAD_MULTIPLE[s] // 2
+    if min(h, w) <= half:
+        raise ValueError(f"The reference is {_size(H, W)} pixels, too small for DiffRIR's reflect padding; "
+                         f"a x{s} model needs at least {(half + 1) * s} pixels on each side.")
+    if noise is not None:
+        expected = (generated.shape[0], net.config.prior_dim)
+        if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != expected:
+            got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"noise must have shape {expected}, one {expected[1]}-value starting point of the "
+                             f"prior diffusion per image; got {got}.")
+    _quarter_tile(tile_size)
+
+
+def pack_input(generated, reference, regenerated, scale: int) -> torch.Tensor:
+    """The network input: generated image + reference with the hole zeroed, reflect-padded.
+
+    x1 (inference_diffrir.py): concat(generated, (1 - mask)·reference) at full size.
+    x2/x4 (DiffIR_S2_model.py): concat(LR generated, PixelUnshuffle(s)((1 - mask)·reference)).
+    Then reflect padding on the right and bottom of the concatenated tensor to a multiple of
+    32/16/8 on the input grid.
+    """
+    kept = (1 - regenerated) * reference
+    packed = torch.cat([generated, space_to_depth(kept, scale)], dim=1)
+    m = PAD_MULTIPLE[scale]
+    h, w = packed.shape[-2:]
+    return F.pad(packed, (0, (-w) % m, 0, (-h) % m), mode="reflect")
+
+
+def empty_masks(mask: torch.Tensor) -> list[int]:
+    """Indices of the images whose B×1×H×W mask marks no pixel as regenerated (none ≥ 0.5);
+    `restore` returns their reference unchanged."""
+    return [b for b in range(mask.shape[0]) if not bool((mask[b] >= 0.5).any())]
+
+
+def restore(net: DiffRIRS2, generated: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, *,
+            noise: Optional[torch.Tensor] = None, seed: int = 0, tile_size: Optional[int] = None,
+            composite: bool = True, progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """Repairs the regenerated region of each image against its reference.
+
+    generated: B×3×h×w, the inpainted/outpainted image (h×w = reference size / net.scale);
+    reference: B×3×H×W, the original image (its hole content is never used);
+    mask: B×1×H×W (or B×3×H×W), 1 = regenerated, binarised at ≥ 0.5. All floats in 0..1.
+    noise: the B×D starting point of the prior diffusion (the tensor the original draws with
+    torch.randn); otherwise one torch.randn(B, D) on a CPU generator seeded with `seed`.
+    tile_size: output pixels per tile (rounded down to a multiple of 32), None for the whole
+    image at once; tiling is exact (same result within float rounding), it only bounds memory.
+    composite: paste the network's pixels into the reference where the mask is set (the
+    original's final step); preserved pixels then come back bit-identical to the reference. A
+    mask without any regenerated pixel returns the reference itself without running the network.
+    progress(done, total) is called after every tile step (every image when not tiled).
+    Returns B×3×H×W in 0..1, on the reference's device and in its dtype.
+    """
+    check_inputs(net, generated, reference, mask, noise=noise, tile_size=tile_size)
+    tile_q = _quarter_tile(tile_size)
+    batch = generated.shape[0]
+    parameter = next(net.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    if noise is None:
+        noise = torch.randn(batch, net.config.prior_dim, generator=torch.Generator().manual_seed(seed))
+    regenerated = mask >= 0.5
+    empty = set(empty_masks(mask)) if composite else set()
+    H, W = reference.shape[-2:]
+    m = PAD_MULTIPLE[net.scale]
+    padded_in = (math.ceil(H // net.scale / m) * m, math.ceil(W // net.scale / m) * m)
+    hq, wq = padded_in[0] * net.scale // 4, padded_in[1] * net.scale // 4
+    per_image = 1 if tile_q is None else TiledRun.step_count(net.config, hq, wq, tile_q)
+    total, done = batch * per_image, 0
+
+    def tick(steps: int = 1):
+        nonlocal done
+        done += steps
+        if progress is not None:
+            progress(done, total)
+
+    results = []
+    with torch.inference_mode():
+        for b in range(batch):
+            ref = reference[b:b + 1]
+            if b in empty:
+                results.append(ref.clone())
+                tick(per_image)
+                continue
+            packed = pack_input(generated[b:b + 1].to(device, dtype), ref.to(device, dtype),
+                                regenerated[b:b + 1].to(device, dtype), net.scale)
+            z = noise[b:b + 1].to(device, dtype)
+            run = None if tile_q is None else TiledRun(net.scale, tile_q, tick, H, W)
+            sr = net(packed, z, run)[..., :H, :W]
+            if run is None:
+                tick()
+            sr = sr.clamp(0, 1).to(ref.device, ref.dtype)
+            results.append(torch.where(regenerated[b:b + 1].to(ref.device), sr, ref) if composite else sr)
+            del packed, sr
+    return torch.cat(results, dim=0)
+
+
+# Measured on CPU, float32 (bench/bench_diffrir.py; reference/diffrir.md §5): a whole-image
+# forward peaks at 1.3–1.7 GB per output megapixel; the streamed scheme keeps about 0.14 GB per
+# output megapixel resident plus scratch proportional to the tile (0.64 GB for 512² tiles, about
+# 2.4 GB per tile megapixel). GPUs add allocator and cuDNN overhead, hence the margins.
+WHOLE_BYTES_PER_MP = 1.8e9
+RESIDENT_BYTES_PER_MP = 0.16e9
+TILE_BYTES_PER_MP = 2.8e9
+
+
+def estimate_memory(net: DiffRIRS2, height: int, width: int, tile_size: Optional[int] = None) -> int:
+    """Working memory (bytes, excluding the weights) to restore one height×width output image."""
+    width_factor = net.config.dim / 64  # the figures are for the released width
+    megapixels = height * width / 1e6
+    if tile_size is None:
+        return int(WHOLE_BYTES_PER_MP * megapixels * width_factor)
+    tile_mp = min(tile_size * tile_size / 1e6, megapixels)
+    return int((RESIDENT_BYTES_PER_MP * megapixels + TILE_BYTES_PER_MP * tile_mp) * width_factor)
