@@ -137,7 +137,8 @@ def main_run(args) -> None:
     for kind in kinds:
         own = [prompt_seconds(e) for label, e in result["completed"] if label == kind]
         p50 = statistics.median(own)
-        print(f"    {kind:16s} p50 {p50:6.2f} s   alone (warm) {alone[kind]:6.2f} s   ratio {p50 / alone[kind]:.2f}")
+        print(f"    {kind:16s} p50 {p50:6.2f} s   alone, models cached {alone[kind]:6.2f} s   "
+              f"ratio {p50 / alone[kind]:.2f}")
     only = reran == sorted(["KSampler", "VAEDecode", "SaveImage"])
     print(f"  a changed sampler seed re-ran: {', '.join(reran)}"
           + (" (the sampler and what follows it only)" if only else " (more than the sampler!)"))

@@ -40,7 +40,10 @@ MODEL_INPUTS = {  # (class_type, input) -> models/ subfolder
     ("LLMGAMLLMLoader", "model_name"): "LLM",
     ("LLMGACheckpointLoader", "model_name"): "diffusers",
     ("DiffRIRLoader", "model_name"): "diffrir",
+    ("VAELoader", "vae_name"): "vae",
 }
+# The VAE the original's editing CLI swaps in (stabilityai/sd-vae-ft-mse), as the single file ComfyUI loads.
+EDIT_VAE_FILE, EDIT_VAE_REPO = "vae-ft-mse-840000-ema-pruned.safetensors", "stabilityai/sd-vae-ft-mse-original"
 TEXT_OUTPUT_NODES = ("LLMGAPromptGenerator",)
 PACK_DIR = Path(__file__).resolve().parents[1]
 EXAMPLE_IMAGES = PACK_DIR / "workflows"  # the example inputs the shipped workflows load
@@ -131,7 +134,8 @@ class Server:
         try:
             content = path.read_bytes()
         except OSError as e:
-            raise WorkflowError(f"Cannot read the image {path} ({e.strerror}); check the path given to --image.") from None
+            raise WorkflowError(f"Cannot read the image {path} ({e.strerror}); check the path given to "
+                                f"--image.") from None
         boundary = uuid.uuid4().hex
         ctype = mimetypes.guess_type(str(path))[0] or "application/octet-stream"
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name or path.name}\"\r\n"
@@ -148,8 +152,10 @@ class Server:
         if info is None:
             return None
         spec = info["input"].get("required", {}).get(input_name) or info["input"].get("optional", {}).get(input_name)
+        if not spec:
+            return []
         # ComfyUI < 0.3.4x lists combo options in place of the type; newer ones under "options"
-        return spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])
+        return spec[0] if isinstance(spec[0], list) else (spec[1] if len(spec) > 1 else {}).get("options", [])
 
 
 def free_port() -> int:
@@ -293,6 +299,10 @@ def describe_missing(missing, models_dir: str | None, server_url: str | None = N
     for class_type, name, folder in missing:
         if folder in RELEASED_REPOS:
             source = f"huggingface.co/{RELEASED_REPOS[folder]}/{Path(name).name}{download}"
+        elif folder == "vae" and name == EDIT_VAE_FILE:
+            source = f"huggingface.co/{EDIT_VAE_REPO}{download}"
+        elif folder == "vae":
+            source = "wherever that VAE was published"
         else:
             source = DIFFRIR_SOURCE
         lines.append(f"  - {name} for {class_type}: {where(folder, name)}  [from {source}]")
@@ -305,10 +315,17 @@ def describe_missing(missing, models_dir: str | None, server_url: str | None = N
 
 def download_models(missing, models_dir: Path) -> None:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import hf_hub_download, snapshot_download
     except ImportError:
         raise WorkflowError("--download needs huggingface_hub (pip install huggingface_hub).") from None
     for class_type, name, folder in missing:
+        if folder == "vae" and name == EDIT_VAE_FILE:
+            print(f"[llmga] downloading {EDIT_VAE_REPO}/{name} -> {models_dir / folder}", flush=True)
+            hf_hub_download(repo_id=EDIT_VAE_REPO, filename=name, local_dir=str(models_dir / folder))
+            continue
+        if folder == "vae":
+            raise WorkflowError(f"The VAE {name} ({class_type}) is not one this command knows how to download; put it "
+                                f"into {models_dir / folder} by hand.")
         if folder not in RELEASED_REPOS:
             raise WorkflowError(f"{name} ({class_type}) is not on Hugging Face; download it by hand from "
                                 f"{DIFFRIR_SOURCE} into {models_dir / folder}.")

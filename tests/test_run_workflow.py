@@ -68,6 +68,12 @@ def test_download_fetches_released_repos_into_the_model_folders(tmp_path, monkey
     ]
     with pytest.raises(rw.WorkflowError, match="not on Hugging Face"):
         rw.download_models([("DiffRIRLoader", "DiffRIR_x1.pth", "diffrir")], tmp_path)
+    files = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename, local_dir, **kw: files.append((repo_id, filename, local_dir)))
+    rw.download_models([("VAELoader", "vae-ft-mse-840000-ema-pruned.safetensors", "vae")], tmp_path)
+    assert files == [("stabilityai/sd-vae-ft-mse-original", "vae-ft-mse-840000-ema-pruned.safetensors",
+                      str(tmp_path / "vae"))]
 
 
 def test_missing_models_with_server_are_relative_to_that_servers_models_folder():
@@ -75,6 +81,9 @@ def test_missing_models_with_server_are_relative_to_that_servers_models_folder()
     assert "on the server at http://10.0.0.5:8188" in text and "relative to it" in text
     assert "  - llmga-sdxl-t2i for LLMGACheckpointLoader: diffusers/llmga-sdxl-t2i  " in text
     assert "huggingface.co/binxia/llmga-sdxl-t2i" in text and "--download" not in text  # not possible with --server
+    text = rw.describe_missing([("VAELoader", "vae-ft-mse-840000-ema-pruned.safetensors", "vae")], "/c/models")
+    assert ("/c/models/vae/vae-ft-mse-840000-ema-pruned.safetensors  [from huggingface.co/stabilityai/"
+            "sd-vae-ft-mse-original, or run again with --download]") in text
 
 
 def test_comfyui_args_may_begin_with_dashes_as_readme_writes_them():
@@ -166,7 +175,8 @@ def test_symlinked_pack_starts_its_comfyui_on_the_cpu_with_the_example_image(tmp
     out = tmp_path / "out"
     env = dict(os.environ, PWD=str(pack))  # what a shell that cd'ed into the link sets
     done = run_command("workflows/api/llmga_inpaint_sd15_diffrir.json", "--set", "instruction=a red door",
-                       *SMALL, "--set", "tile_size=32", "--comfyui-args", f"--base-directory {base} --database-url sqlite:///:memory:",
+                       *SMALL, "--set", "tile_size=32",
+                       "--comfyui-args", f"--base-directory {base} --database-url sqlite:///:memory:",
                        "--out", out, cwd=pack, env=env)
     log = (out / "comfyui.log").read_text(errors="replace")[-3000:] if (out / "comfyui.log").exists() else ""
     assert done.returncode == 0, done.stdout + done.stderr + log
