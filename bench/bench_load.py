@@ -15,6 +15,8 @@ SD checkpoint and the MLLM (baseline: the default cache).
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import sys
 import tempfile
@@ -35,6 +37,7 @@ ALTERNATING = ["llmga_t2i_sd15", "llmga_similar_sdxl", "llmga_inpaint_sd15_diffr
 
 def start_server(extra_args=()) -> ComfyServer:
     base = models_base(Path(tempfile.mkdtemp(prefix="llmga-load-")))
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
     inputs = base / "input"
     inputs.mkdir(exist_ok=True)
     for name in ("llmga_inpaint_example.png", "llmga_similar_example.png", "llmga_edit_example.png"):
