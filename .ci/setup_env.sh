@@ -39,7 +39,7 @@ if [ ! -f "$stamp" ]; then
 fi
 # The original's tokenizer stack (transformers 4.41.2, tokenizers 0.19.1; no torch) in a side venv: the
 # tokenizer tests compare against it in a subprocess (tests/oracles/tokenizers_441.py).
-oracle=${LLMGA_TOKENIZER_ORACLE_VENV:-$root/.venv-tok441}
+oracle=${LLMGA_TOKENIZER_ORACLE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/llmga-comfyui/venv-tok441}  # outside the project
 if [ ! -f "$oracle/.llmga-ready" ]; then
   echo "[setup] creating the transformers 4.41 tokenizer oracle venv $oracle"
   rm -rf "$oracle" && "$py" -m venv "$oracle"

@@ -209,6 +209,13 @@ def tokenize_prompt(text: str, tokenizer, recipe: EncodingRecipe) -> tuple[list[
     return ids, weights
 
 
+def plain_chunk_ids(text: str, spec: TokenizerSpec) -> list[int]:
+    """A plain diffusers tokenizer call padded to 77 and sliced to 77 (the editing inversion's source):
+    BOS, ids, EOS, pad…, or BOS and the first 76 ids with no EOS when longer; brackets are literal."""
+    ids = [spec.bos, *_text_ids(spec.tokenizer, text), spec.eos][:CHUNK_LENGTH]
+    return ids + [spec.pad] * (CHUNK_LENGTH - len(ids))
+
+
 def chunk_count(token_count: int, max_chunks: int) -> int:
     """n = max(1, ceil(L / 75)), at most `max_chunks`."""
     return max(1, min(max_chunks, math.ceil(token_count / CHUNK_TOKENS)))

@@ -21,7 +21,7 @@ import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..llmga_core import editing
-from ..llmga_core.long_prompt import CHUNK_LENGTH, PromptTruncatedWarning, encode_with_backend, recipe_for
+from ..llmga_core.long_prompt import PromptTruncatedWarning, encode_with_backend, plain_chunk_ids, recipe_for
 from .long_prompt import clip_family, host_chunk_encoder, host_tokenizer_specs
 
 log = logging.getLogger("llmga")
@@ -71,19 +71,11 @@ def given_mask(mask, image_hw: tuple[int, int], prepared: editing.PreparedImage)
 
 
 # ---------------------------------------------------------------------------------------- text
-def plain_prompt_ids(text: str, spec) -> list[int]:
-    """A diffusers tokenizer call padded to 77 and sliced to 77: BOS, ids, EOS, pad…, or BOS and the first 76
-    ids (no EOS) when longer."""
-    content = list(spec.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    ids = [spec.bos, *content, spec.eos][:CHUNK_LENGTH]
-    return ids + [spec.pad] * (CHUNK_LENGTH - len(ids))
-
-
 def inversion_chunk(clip, text: str) -> torch.Tensor:
     """The inversion phase's source / "" encoding: a plain 77-token tokenizer call (BOS + the first 76
     ids, no EOS when longer; brackets literal) through the last CLIP layer."""
     spec = host_tokenizer_specs(clip, ("l",))["l"]
-    ids = plain_prompt_ids(text, spec)
+    ids = plain_chunk_ids(text, spec)
     hidden, _ = host_chunk_encoder(clip, recipe_for("sd15"))({"l": [ids]})
     return hidden.reshape(1, -1, hidden.shape[-1])
 

@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.host import REPO, ComfyServer
+from tests.host import REPO, ComfyServer, write_vae_file
 from tests.workflow_format import render_ui, ui_to_api
 
 WORKFLOWS = REPO / "workflows"
@@ -75,20 +74,6 @@ def write_input_images(input_dir: Path) -> None:
     # not square, so the MLLM's stretch to a square is exercised
     Image.fromarray(rng.integers(0, 256, (48, 64, 3)).astype("uint8"), "RGB").save(input_dir / SIMILAR_IMAGE)
     Image.fromarray(rng.integers(0, 256, (40, 56, 3)).astype("uint8"), "RGB").save(input_dir / EDIT_IMAGE)
-
-
-def write_vae_file(path: Path) -> None:
-    """A random VAE of the real SD architecture (the host's VAELoader accepts no smaller one) as one float16
-    safetensors file with diffusers keys, which the host converts."""
-    from diffusers import AutoencoderKL
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    save_file({k: v.half().contiguous() for k, v in vae.state_dict().items()}, str(path))
 
 
 @pytest.fixture(scope="module")

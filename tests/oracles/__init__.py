@@ -13,7 +13,8 @@ class OriginalTokenizers:
     """A client of tokenizers_441.py running in the transformers 4.41 side venv (one process per session)."""
 
     def __init__(self):
-        venv = Path(os.environ.get("LLMGA_TOKENIZER_ORACLE_VENV") or REPO / ".venv-tok441")
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        venv = Path(os.environ.get("LLMGA_TOKENIZER_ORACLE_VENV") or cache / "llmga-comfyui" / "venv-tok441")
         python = venv / "bin" / "python"
         if not python.is_file():
             raise RuntimeError(f"The transformers 4.41 tokenizer oracle venv is missing ({venv}); run "
