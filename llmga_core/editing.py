@@ -187,16 +187,24 @@ class _Request:
     embeds: torch.Tensor  # 1×L×C
 
 
-def _calls_for(batches: Sequence[tuple[int, tuple]], max_batch: Optional[int]) -> int:
-    """UNet calls for one evaluation of requests given as (batch, embeds shape): consecutive requests
-    whose embeddings have the same shape share calls of at most max_batch latents."""
+def _call_batches(batches: Sequence[tuple[int, tuple]], max_batch: Optional[int]) -> list[int]:
+    """The latent batch of each UNet call for one evaluation of requests given as (batch, embeds shape):
+    consecutive requests whose embeddings have the same shape share calls of at most max_batch latents."""
     groups: list[list] = []
     for batch, embeds_shape in batches:
         if groups and groups[-1][1] == embeds_shape:
             groups[-1][0] += batch
         else:
             groups.append([batch, embeds_shape])
-    return sum(1 if max_batch is None else -(-batch // max_batch) for batch, _ in groups)
+    calls = []
+    for batch, _ in groups:
+        step = batch if max_batch is None else max_batch
+        calls.extend(min(step, batch - i) for i in range(0, batch, step))
+    return calls
+
+
+def _calls_for(batches: Sequence[tuple[int, tuple]], max_batch: Optional[int]) -> int:
+    return len(_call_batches(batches, max_batch))
 
 
 class _UNet:
@@ -562,6 +570,24 @@ def unet_calls(steps: int, *, maps: int = MASK_MAPS, max_batch: Optional[int] = 
              "inversion": steps * _step_calls(embeds.inversion_source, embeds.inversion_uncond, max_batch),
              "resample": steps * _step_calls(embeds.target, embeds.target_uncond, max_batch)}
     return calls
+
+
+def largest_unet_batch(*, maps: int = MASK_MAPS, max_batch: Optional[int] = None, mask: bool = True,
+                       embeds: Optional[EditEmbeds] = None) -> int:
+    """The most latents one predict_noise call of an edit gets, so a host can make room for that batch
+    before the first call: the mask phase batches the `maps` draws of both captions when their encodings
+    have the same length; inversion and re-sampling batch the conditional and unconditional prediction.
+    Arguments as unet_calls."""
+    max_batch = _check_max_batch(max_batch)
+    if embeds is None:
+        same = torch.empty(1, 77, 1)
+        embeds = EditEmbeds(*(same,) * 6)
+    pairs = [(embeds.inversion_source, embeds.inversion_uncond), (embeds.target, embeds.target_uncond)]
+    batches = [_call_batches([(1, tuple(uncond.shape)), (1, tuple(cond.shape))], max_batch) for cond, uncond in pairs]
+    if mask:
+        batches.append(_call_batches([(maps, tuple(embeds.mask_source.shape)),
+                                      (maps, tuple(embeds.mask_target.shape))], max_batch))
+    return max(max(b) for b in batches)
 
 
 @torch.no_grad()

@@ -2,9 +2,9 @@
 
 The ComfyUI face of Zj-BinXia/DiffRIR: inference_diffrir.py; the network, the input packing,
 the exact tiling and the compositing live in llmga_core.diffrir. The restore node follows the
-host's ImageUpscaleWithModel (comfy_extras/nodes_upscale_model.py): memory estimate and
-free_memory, a ProgressBar per tile, tile halving on out-of-memory, the model back to the
-offload device afterwards.
+host's ImageUpscaleWithModel (comfy_extras/nodes_upscale_model.py): free_memory for the library's
+memory plan, a ProgressBar per tile, the library's tile halving on the host's out-of-memory
+exception, the model back to the offload device afterwards.
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..llmga_core.diffrir import (MIN_TILE_SIZE, check_inputs, empty_masks, estimate_memory, load_diffrir, restore,
-                                   smaller_tile_size)
+from ..llmga_core.diffrir import MIN_TILE_SIZE, load_diffrir, plan_restore, restore
 from .paths import DIFFRIR_FOLDER, register_model_folders, resolve_model_path
 
 register_model_folders()  # idempotent; lets the combo list models/diffrir even if imported alone
@@ -91,53 +90,28 @@ class DiffRIRRestore(io.ComfyNode):
             raise ValueError(f"DiffRIR got {counts[0]} image(s), {counts[1]} reference(s) and {counts[2]} mask(s); "
                              f"give one of each or the same number of each.")
         generated, original, mask = (_to_batch(t, batch) for t in (generated, original, mask))
-        if 0 < tile_size < MIN_TILE_SIZE:
-            raise ValueError(f"tile_size must be 0 (the whole image at once) or at least {MIN_TILE_SIZE} pixels; "
-                             f"got {tile_size}.")
-        tile = tile_size if tile_size > 0 else None
-        check_inputs(net, generated, original, mask, tile_size=tile)
-
-        # restore returns the reference for an empty mask; with nothing else to do the network is not loaded
-        empty = empty_masks(mask)
-        if len(empty) < batch:
-            restored = cls._restore(net, generated, original, mask, seed, tile)
-        else:
-            restored = restore(net, generated, original, mask, seed=seed, tile_size=tile)
-        note = None
-        if empty:
-            numbers = ", ".join(str(b + 1) for b in empty)
-            if len(empty) == 1:
-                note = (f"DiffRIR: the mask of image {numbers} is empty, so nothing was restored there; "
-                        f"it is returned as the reference.")
-            else:
-                note = (f"DiffRIR: the masks of images {numbers} are empty, so nothing was restored there; "
-                        f"they are returned as the references.")
-            log.info(note)
-        out = restored.movedim(1, -1).to(model_management.intermediate_device())
-        return io.NodeOutput(out, ui=ui.PreviewText(note) if note else None)
-
-    @classmethod
-    def _restore(cls, net, generated, original, mask, seed, tile):
+        plan = plan_restore(net, generated, original, mask, tile_size=tile_size)  # every check, before work
         device = model_management.get_torch_device()
-        height, width = original.shape[-2:]
-        memory_required = model_management.module_size(net) + estimate_memory(net, height, width, tile)
-        memory_required += (generated.nelement() + original.nelement() * 2 + mask.nelement()) * 4
-        model_management.free_memory(memory_required, device)
-        net.to(device)
+        if plan.needs_network:  # with only empty masks the network is not moved at all
+            model_management.free_memory(plan.memory_bytes, device)
+            net.to(device)
+        pbar = comfy.utils.ProgressBar(batch)
+
+        def retry(tile: int) -> None:
+            log.warning("DiffRIR ran out of memory; retrying with %d-pixel tiles.", tile)
+            model_management.soft_empty_cache()
+
         try:
-            while True:
-                pbar = comfy.utils.ProgressBar(generated.shape[0])
-                try:
-                    return restore(net, generated, original, mask, seed=seed, tile_size=tile,
-                                   progress=lambda done, total: pbar.update_absolute(done, total))
-                except model_management.OOM_EXCEPTION:
-                    tile = smaller_tile_size(tile, height, width)  # like ImageUpscaleWithModel's halving
-                    if tile is None:
-                        raise
-                    log.warning("DiffRIR ran out of memory; retrying with %d-pixel tiles.", tile)
-                    model_management.soft_empty_cache()
+            restored = restore(net, generated, original, mask, seed=seed, tile_size=tile_size,
+                               progress=lambda done, total: pbar.update_absolute(done, total),
+                               out_of_memory=(model_management.OOM_EXCEPTION,), on_retry=retry)
         finally:
-            net.to(model_management.unet_offload_device())
+            if plan.needs_network:
+                net.to(model_management.unet_offload_device())
+        if plan.note:
+            log.info(plan.note)
+        out = restored.movedim(1, -1).to(model_management.intermediate_device())
+        return io.NodeOutput(out, ui=ui.PreviewText(plan.note) if plan.note else None)
 
 
 NODES = [DiffRIRLoader, DiffRIRRestore]

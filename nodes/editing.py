@@ -247,8 +247,7 @@ class LLMGAEdit(io.ComfyNode):
 
         planned = editing.unet_calls(len(steps_list), mask=latent_mask is None, embeds=embeds)
         bar = comfy.utils.ProgressBar(sum(planned.values()))
-        # the mask phase batches all draws of both captions; size the load for that batch
-        batch = 2 * editing.MASK_MAPS if latent_mask is None else 2
+        batch = editing.largest_unet_batch(mask=latent_mask is None, embeds=embeds)
         memory = model.model.memory_required([batch, *x0.shape[1:]])
         model_management.load_models_gpu([model], memory_required=memory)
         alphas_cumprod = editing.scaled_linear_alphas_cumprod()

@@ -419,7 +419,7 @@ def _bad(gen_shape, ref_shape, mask_shape):
     (1, _bad((1, 3, 40, 56), (1, 3, 40, 56), (1, 1, 40, 56)), {"noise": torch.zeros(1, 256)},
      "noise must have shape (1, 32), one 32-value starting point of the prior diffusion per image; got (1, 256)."),
     (1, _bad((1, 3, 40, 56), (1, 3, 40, 56), (1, 1, 40, 56)), {"tile_size": 16},
-     "tile_size must be None (the whole image at once) or at least 32 output pixels; got 16."),
+     "tile_size must be 0 or None (the whole image at once) or at least 32 pixels; got 16."),
 ])
 def test_bad_inputs_get_one_clear_sentence(nets, scale, args, kwargs, message):
     with pytest.raises(ValueError) as error:
@@ -551,45 +551,47 @@ def test_restore_node_errors_before_work(comfy_inprocess, node_module, model_fol
     with pytest.raises(ValueError) as error:
         node_module.DiffRIRRestore.execute(net, generated.movedim(1, -1), reference.movedim(1, -1), mask[:, 0],
                                            seed=0, tile_size=16)
-    assert str(error.value) == "tile_size must be 0 (the whole image at once) or at least 32 pixels; got 16."
+    assert str(error.value) == "tile_size must be 0 or None (the whole image at once) or at least 32 pixels; got 16."
     with pytest.raises(FileNotFoundError):
         node_module.DiffRIRLoader.execute("missing.pth")
     with pytest.raises(ValueError, match="must be a path inside"):
         node_module.DiffRIRLoader.execute("../tiny_x1.pth")
 
 
-def test_restore_node_halves_the_tile_on_out_of_memory(comfy_inprocess, node_module, model_folder, monkeypatch):
+def test_restore_node_halves_the_tile_on_out_of_memory(comfy_inprocess, node_module, model_folder, caplog):
     import comfy.model_management as mm
 
     net = node_module.DiffRIRLoader.execute("tiny_x1.pth").result[0]
     generated, reference, mask = images(1, 64, 256)
+    failures = {"left": 2}
     tiles = []
-    real_restore = node_module.restore
 
-    def flaky(*args, tile_size=None, **kwargs):
-        tiles.append(tile_size)
-        if len(tiles) < 3:
+    def run_out_of_memory(module, args):  # the network's forward: args = (packed, z, tiled run or None)
+        tiles.append(None if args[2] is None else args[2].tile_q * 4)
+        if failures["left"]:
+            failures["left"] -= 1
             raise mm.OOM_EXCEPTION("CUDA out of memory (simulated)")
-        return real_restore(*args, tile_size=tile_size, **kwargs)
 
-    monkeypatch.setattr(node_module, "restore", flaky)
-    out = node_module.DiffRIRRestore.execute(net, generated.movedim(1, -1), reference.movedim(1, -1), mask[:, 0],
-                                             seed=0, tile_size=0)
-    assert tiles == [None, 128, 64]
-    assert (out.result[0] - restore(net, generated, reference, mask).movedim(1, -1)).abs().max().item() < 1e-4
+    hook = net.register_forward_pre_hook(run_out_of_memory)
+    try:
+        with caplog.at_level("WARNING", logger="llmga"):
+            out = node_module.DiffRIRRestore.execute(net, generated.movedim(1, -1), reference.movedim(1, -1),
+                                                     mask[:, 0], seed=0, tile_size=0)
+        assert tiles == [None, 128, 64]
+        assert [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()] == [
+            "DiffRIR ran out of memory; retrying with 128-pixel tiles.",
+            "DiffRIR ran out of memory; retrying with 64-pixel tiles."]
+        assert (out.result[0] - restore(net, generated, reference, mask).movedim(1, -1)).abs().max().item() < 1e-4
 
-    tiles.clear()
-
-    def always(*args, tile_size=None, **kwargs):
-        tiles.append(tile_size)
-        raise mm.OOM_EXCEPTION("CUDA out of memory (simulated)")
-
-    monkeypatch.setattr(node_module, "restore", always)
-    with pytest.raises(mm.OOM_EXCEPTION):
-        node_module.DiffRIRRestore.execute(net, generated.movedim(1, -1), reference.movedim(1, -1), mask[:, 0],
-                                           seed=0, tile_size=128)
-    assert tiles == [128, 64, 32]
-    assert next(net.parameters()).device.type == "cpu"
+        tiles.clear()
+        failures["left"] = 10
+        with pytest.raises(mm.OOM_EXCEPTION):
+            node_module.DiffRIRRestore.execute(net, generated.movedim(1, -1), reference.movedim(1, -1), mask[:, 0],
+                                               seed=0, tile_size=128)
+        assert tiles == [128, 64, 32]
+        assert next(net.parameters()).device.type == "cpu"
+    finally:
+        hook.remove()
 
 
 def test_smaller_tile_size_halves_to_a_multiple_of_32():
@@ -599,3 +601,26 @@ def test_smaller_tile_size_halves_to_a_multiple_of_32():
     assert smaller_tile_size(None, 64, 256) == 128
     assert [smaller_tile_size(t, 64, 256) for t in (128, 64, 100, 95)] == [64, 32, 32, 32]
     assert smaller_tile_size(32, 64, 256) is None and smaller_tile_size(None, 50, 60) is None
+
+
+def test_plan_restore_checks_plans_memory_and_names_empty_masks(nets):
+    from llmga_core.diffrir import estimate_memory, plan_restore
+
+    net = nets[1]
+    generated, reference, mask = images(1, 64, 96, batch=3)
+    mask[1] = 0.4  # below the threshold everywhere: nothing regenerated
+    plan = plan_restore(net, generated, reference, mask, tile_size=64)
+    weights = sum(p.numel() * 4 for p in net.parameters()) + sum(b.numel() * b.element_size() for b in net.buffers())
+    # float32 generated image, reference, result and mask of three 96×64 images
+    images_bytes = 3 * (3 + 3 + 3 + 1) * 64 * 96 * 4
+    assert plan.empty == (1,) and plan.needs_network
+    assert plan.memory_bytes == weights + estimate_memory(net, 64, 96, 64) + images_bytes
+    assert plan.note == ("DiffRIR: the mask of image 2 is empty, so nothing was restored there; it is returned as "
+                         "the reference.")
+    # 0 means the whole image, as None does
+    assert plan_restore(net, generated, reference, mask, tile_size=0).memory_bytes == \
+        weights + estimate_memory(net, 64, 96, None) + images_bytes
+    nothing = plan_restore(net, generated, reference, torch.zeros_like(mask))
+    assert not nothing.needs_network and nothing.memory_bytes == 0 and nothing.empty == (0, 1, 2)
+    with pytest.raises(ValueError, match="^The mask is 48×64 pixels but the reference is 96×64"):
+        plan_restore(net, generated, reference, torch.ones(3, 1, 64, 48))

@@ -424,6 +424,13 @@ def test_unet_calls_are_batched(models, case):
     assert editing.unet_calls(12, embeds=e) == {"mask": 1, "inversion": 12, "resample": 12}
     assert editing.unet_calls(12, embeds=e, max_batch=8) == {"mask": 3, "inversion": 12, "resample": 12}
     assert editing.unet_calls(12, max_batch=1, mask=False) == {"mask": 0, "inversion": 24, "resample": 24}
+    # the batch a host makes room for is the largest one the calls above really got
+    assert editing.largest_unet_batch(embeds=e) == 20
+    assert editing.largest_unet_batch(embeds=e, max_batch=8) == 8
+    assert editing.largest_unet_batch(embeds=e, mask=False) == 2
+    unequal = editing.EditEmbeds(case["source"], case["target"], case["source"], case["uncond154"],
+                                 case["target"], case["uncond"])
+    assert editing.largest_unet_batch(embeds=unequal) == 10  # neither phase can pair its captions
 
 
 def test_edit_reports_progress_per_unet_call_over_all_phases(models, case):

@@ -19,13 +19,14 @@ runs the network on the whole image or in an exact streamed tiled scheme (the gl
 every attention layer's statistics are accumulated over tiles, so tiling does not change the
 result), and composites the regenerated pixels over the reference.
 Modules: network (DiffRIRS2 and its config), loading (load_diffrir), tiled (the exact tiled run),
-restoration (check_inputs, pack_input, restore, the tile and memory rules). No ComfyUI imports;
+restoration (check_inputs, pack_input, plan_restore, restore, the tile, out-of-memory, empty-mask
+and memory rules). No ComfyUI imports;
 nothing happens at import time.
 """
 from .loading import load_diffrir
 from .network import DiffRIRConfig, DiffRIRS2, diffusion_schedule
-from .restoration import (check_inputs, empty_masks, estimate_memory, pack_input, restore,
-                          smaller_tile_size)
+from .restoration import (RestorePlan, check_inputs, empty_masks, estimate_memory, pack_input, plan_restore,
+                          restore, smaller_tile_size)
 from .tiled import MIN_TILE_SIZE
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "DiffRIRS2",
     "load_diffrir",
     "restore",
+    "plan_restore",
+    "RestorePlan",
     "empty_masks",
     "check_inputs",
     "pack_input",

@@ -7,6 +7,7 @@ masks, so a caller only translates its own values.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -21,12 +22,13 @@ def _size(h: int, w: int) -> str:
 
 
 def _quarter_tile(tile_size) -> Optional[int]:
-    """The tile side on the quarter grid: tile_size rounded down to a multiple of MIN_TILE_SIZE, divided by 4."""
-    if tile_size is None:
+    """The tile side on the quarter grid: tile_size rounded down to a multiple of MIN_TILE_SIZE, divided by 4
+    (None for the whole image: tile_size None or 0)."""
+    if tile_size is None or (tile_size == 0 and not isinstance(tile_size, bool)):
         return None
     if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < MIN_TILE_SIZE:
-        raise ValueError(f"tile_size must be None (the whole image at once) or at least {MIN_TILE_SIZE} "
-                         f"output pixels; got {tile_size!r}.")
+        raise ValueError(f"tile_size must be 0 or None (the whole image at once) or at least {MIN_TILE_SIZE} "
+                         f"pixels; got {tile_size!r}.")
     return tile_size // MIN_TILE_SIZE * (MIN_TILE_SIZE // 4)
 
 
@@ -103,9 +105,47 @@ def empty_masks(mask: torch.Tensor) -> list[int]:
     return [b for b in range(mask.shape[0]) if not bool((mask[b] >= 0.5).any())]
 
 
+@dataclass(frozen=True)
+class RestorePlan:
+    """What a restore call will do, known before it runs: the images whose mask is empty (they come back as
+    their reference, and the network is not needed for them), the memory to make room for (bytes: weights,
+    working memory at the requested tile size and the input and output images) and the note to show."""
+
+    empty: tuple[int, ...]
+    needs_network: bool
+    memory_bytes: int
+    note: Optional[str]
+
+
+def plan_restore(net: DiffRIRS2, generated, reference, mask, *, noise=None, tile_size=None) -> RestorePlan:
+    """Checks the inputs as `restore` does (one ValueError, before any work) and plans the call."""
+    check_inputs(net, generated, reference, mask, noise=noise, tile_size=tile_size)
+    empty = tuple(empty_masks(mask))
+    batch = generated.shape[0]
+    note = None
+    if len(empty) == 1:
+        note = (f"DiffRIR: the mask of image {empty[0] + 1} is empty, so nothing was restored there; it is returned "
+                f"as the reference.")
+    elif empty:
+        numbers = ", ".join(str(b + 1) for b in empty)
+        note = (f"DiffRIR: the masks of images {numbers} are empty, so nothing was restored there; they are returned "
+                f"as the references.")
+    needs_network = len(empty) < batch
+    memory = 0
+    if needs_network:
+        weights = sum(t.numel() * t.element_size() for t in list(net.parameters()) + list(net.buffers()))
+        height, width = reference.shape[-2:]
+        tile = None if _quarter_tile(tile_size) is None else tile_size
+        images = (generated.nelement() + 2 * reference.nelement() + mask.nelement()) * 4  # + the result
+        memory = weights + estimate_memory(net, height, width, tile) + images
+    return RestorePlan(empty=empty, needs_network=needs_network, memory_bytes=memory, note=note)
+
+
 def restore(net: DiffRIRS2, generated: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, *,
             noise: Optional[torch.Tensor] = None, seed: int = 0, tile_size: Optional[int] = None,
-            composite: bool = True, progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+            composite: bool = True, progress: Optional[Callable[[int, int], None]] = None,
+            out_of_memory: tuple = (torch.OutOfMemoryError,),
+            on_retry: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """Repairs the regenerated region of each image against its reference.
 
     generated: B×3×h×w, the inpainted/outpainted image (h×w = reference size / net.scale);
@@ -113,16 +153,20 @@ def restore(net: DiffRIRS2, generated: torch.Tensor, reference: torch.Tensor, ma
     mask: B×1×H×W (or B×3×H×W), 1 = regenerated, binarised at ≥ 0.5. All floats in 0..1.
     noise: the B×D starting point of the prior diffusion (the tensor the original draws with
     torch.randn); otherwise one torch.randn(B, D) on a CPU generator seeded with `seed`.
-    tile_size: output pixels per tile (rounded down to a multiple of 32), None for the whole
+    tile_size: output pixels per tile (rounded down to a multiple of 32), None or 0 for the whole
     image at once; tiling is exact (same result within float rounding), it only bounds memory.
     composite: paste the network's pixels into the reference where the mask is set (the
     original's final step); preserved pixels then come back bit-identical to the reference. A
     mask without any regenerated pixel returns the reference itself without running the network.
     progress(done, total) is called after every tile step (every image when not tiled).
+    out_of_memory: the exceptions that mean the device ran out of memory; the image is then run again
+    with smaller_tile_size's tile (on_retry(tile) is called first, e.g. to empty a cache) until it fits
+    or no smaller tile exists (then the exception propagates). Pass () to never retry.
     Returns B×3×H×W in 0..1, on the reference's device and in its dtype.
     """
     check_inputs(net, generated, reference, mask, noise=noise, tile_size=tile_size)
     tile_q = _quarter_tile(tile_size)
+    tile_size = None if tile_q is None else tile_size
     batch = generated.shape[0]
     parameter = next(net.parameters())
     device, dtype = parameter.device, parameter.dtype
@@ -134,14 +178,18 @@ def restore(net: DiffRIRS2, generated: torch.Tensor, reference: torch.Tensor, ma
     m = PAD_MULTIPLE[net.scale]
     padded_in = (math.ceil(H // net.scale / m) * m, math.ceil(W // net.scale / m) * m)
     hq, wq = padded_in[0] * net.scale // 4, padded_in[1] * net.scale // 4
-    per_image = 1 if tile_q is None else TiledRun.step_count(net.config, hq, wq, tile_q)
-    total, done = batch * per_image, 0
+
+    def steps_per_image(q):
+        return 1 if q is None else TiledRun.step_count(net.config, hq, wq, q)
+
+    finished = 0  # steps of the images already done, which a retry does not repeat
+    done = 0
 
     def tick(steps: int = 1):
         nonlocal done
         done += steps
         if progress is not None:
-            progress(done, total)
+            progress(done, finished + (batch - b) * steps_per_image(tile_q))
 
     results = []
     with torch.inference_mode():
@@ -149,19 +197,36 @@ def restore(net: DiffRIRS2, generated: torch.Tensor, reference: torch.Tensor, ma
             ref = reference[b:b + 1]
             if b in empty:
                 results.append(ref.clone())
-                tick(per_image)
+                tick(steps_per_image(tile_q))
+                finished = done
                 continue
-            packed = pack_input(generated[b:b + 1].to(device, dtype), ref.to(device, dtype),
-                                regenerated[b:b + 1].to(device, dtype), net.scale)
-            z = noise[b:b + 1].to(device, dtype)
-            run = None if tile_q is None else TiledRun(net.scale, tile_q, tick, H, W)
-            sr = net(packed, z, run)[..., :H, :W]
-            if run is None:
-                tick()
-            sr = sr.clamp(0, 1).to(ref.device, ref.dtype)
+            while True:
+                try:
+                    sr = _restore_one(net, generated[b:b + 1], ref, regenerated[b:b + 1], noise[b:b + 1], device,
+                                      dtype, tile_q, tick, H, W)
+                    break
+                except out_of_memory:
+                    smaller = smaller_tile_size(tile_size, H, W)
+                    if smaller is None:
+                        raise
+                    tile_size, tile_q, done = smaller, _quarter_tile(smaller), finished
+                    if on_retry is not None:
+                        on_retry(smaller)
+            finished = done
             results.append(torch.where(regenerated[b:b + 1].to(ref.device), sr, ref) if composite else sr)
-            del packed, sr
+            del sr
     return torch.cat(results, dim=0)
+
+
+def _restore_one(net, generated, reference, regenerated, noise, device, dtype, tile_q, tick, H, W):
+    """The network's B=1 output for one image, clamped, on the reference's device and dtype."""
+    packed = pack_input(generated.to(device, dtype), reference.to(device, dtype), regenerated.to(device, dtype),
+                        net.scale)
+    run = None if tile_q is None else TiledRun(net.scale, tile_q, tick, H, W)
+    sr = net(packed, noise.to(device, dtype), run)[..., :H, :W]
+    if run is None:
+        tick()
+    return sr.clamp(0, 1).to(reference.device, reference.dtype)
 
 
 # Measured on CPU, float32 (bench/bench_diffrir.py; reference/diffrir.md §5): a whole-image
