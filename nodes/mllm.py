@@ -17,9 +17,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..llmga_core.mllm import TASKS, load_mllm
+from ..llmga_core.mllm import TASKS, MLLMInputError, load_mllm
 from ..llmga_core.mllm.loader import VisionTowerNotFoundError, is_vision_tower_folder
-from ..llmga_core.mllm.prompts import user_text
 from .paths import MLLM_FOLDER, list_model_dirs, resolve_model_path
 
 log = logging.getLogger("llmga")
@@ -68,15 +67,6 @@ def choose_dtype(name: str, device: torch.device) -> torch.dtype:
         return DTYPES[name]
     # the original runs the LLM in float16; on a CPU that is slow and imprecise, so float32 there
     return torch.float16 if mm.should_use_fp16(device) else torch.float32
-
-
-def kv_cache_bytes(mllm, tokens: int) -> int:
-    """Memory the KV cache of `tokens` positions needs, so the host can make room before generating."""
-    cfg = mllm.model.language_model.config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_token = 2 * cfg.num_hidden_layers * heads * head_dim * torch.finfo(mllm.dtype).bits // 8
-    return per_token * tokens + 256 * 1024 * 1024  # + activations of the prefill
 
 
 class LLMGAMLLMLoader(io.ComfyNode):
@@ -170,22 +160,18 @@ class LLMGAPromptGenerator(io.ComfyNode):
     def execute(cls, mllm, task: str, instruction: str, image=None, mask=None, conversation=None,
                 temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 512,
                 seed: int = 0) -> io.NodeOutput:
-        # bad input fails here, before the model moves to the GPU
-        user_text(task, instruction)
-        check_image_inputs(task, image, mask, conversation)
+        pil_like = None if image is None else image[0, :, :, :3]
+        mask_2d = None if mask is None else (mask[0] if mask.ndim == 3 else mask)
+        try:  # bad input fails here, before the model moves to the GPU
+            plan = mllm.mllm.plan(instruction, task=task, image=pil_like, mask=mask_2d, conversation=conversation,
+                                  max_new_tokens=max_new_tokens)
+        except MLLMInputError as e:
+            raise ValueError(e.for_graph()) from None
         notes = []
-        pil_like = None
-        if image is not None:
-            if image.shape[0] > 1:
-                notes.append(f"The image batch has {image.shape[0]} images; the assistant looks at the first.")
-            pil_like = image[0, :, :, :3]
-        mask_2d = None
-        if mask is not None:
-            mask_2d = mask[0] if mask.ndim == 3 else mask
-
-        mm.load_models_gpu([mllm.patcher], memory_required=kv_cache_bytes(mllm.mllm, 2048 + max_new_tokens),
-                           force_full_load=True)
-        total = max_new_tokens * (2 if task == "editing" else 1)  # editing runs two turns
+        if image is not None and image.shape[0] > 1:
+            notes.append(f"The image batch has {image.shape[0]} images; the assistant looks at the first.")
+        mm.load_models_gpu([mllm.patcher], memory_required=plan.working_bytes, force_full_load=True)
+        total = plan.progress_steps
         progress = comfy.utils.ProgressBar(total)
 
         def on_token(step, token_id):
@@ -203,24 +189,6 @@ class LLMGAPromptGenerator(io.ComfyNode):
             shown += "\n\n[" + " ".join(notes) + "]"
         return io.NodeOutput(reply.prompt, reply.response, reply.conversation, source,
                              ui=PromptText(shown, prompt=reply.prompt, source_prompt=source, notes=notes))
-
-
-def check_image_inputs(task: str, image, mask, conversation) -> None:
-    """The image/mask/conversation checks of the library that need no model, so they fail before it loads."""
-    if task == "editing":
-        if image is None:
-            raise ValueError("The editing task needs the image to edit; connect it to the image input.")
-        if conversation is not None:
-            raise ValueError("The editing task starts a new conversation, so disconnect the conversation input "
-                             "(or use the chat task to continue one).")
-    if image is None and mask is not None:
-        raise ValueError("A mask was given without its image; connect the image together with the mask.")
-    has_image = image is not None or (conversation is not None and getattr(conversation, "has_image", False))
-    if task in ("similar-image", "inpainting", "outpainting") and not has_image:
-        extra = " and a mask" if task != "similar-image" else ""
-        raise ValueError(f"The {task} task needs an image{extra}; connect one to the image input.")
-    if task in ("inpainting", "outpainting") and image is not None and mask is None:
-        raise ValueError(f"The {task} task needs a mask (white = the region to generate) with the image.")
 
 
 NODES = [LLMGAMLLMLoader, LLMGAPromptGenerator]

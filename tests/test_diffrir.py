@@ -419,7 +419,7 @@ def _bad(gen_shape, ref_shape, mask_shape):
     (1, _bad((1, 3, 40, 56), (1, 3, 40, 56), (1, 1, 40, 56)), {"noise": torch.zeros(1, 256)},
      "noise must have shape (1, 32), one 32-value starting point of the prior diffusion per image; got (1, 256)."),
     (1, _bad((1, 3, 40, 56), (1, 3, 40, 56), (1, 1, 40, 56)), {"tile_size": 16},
-     "tile_size must be 0 or None (the whole image at once) or at least 32 pixels; got 16."),
+     "tile_size must be 0 (the whole image at once; None too in Python) or at least 32 pixels; got 16."),
 ])
 def test_bad_inputs_get_one_clear_sentence(nets, scale, args, kwargs, message):
     with pytest.raises(ValueError) as error:
@@ -551,7 +551,7 @@ def test_restore_node_errors_before_work(comfy_inprocess, node_module, model_fol
     with pytest.raises(ValueError) as error:
         node_module.DiffRIRRestore.execute(net, generated.movedim(1, -1), reference.movedim(1, -1), mask[:, 0],
                                            seed=0, tile_size=16)
-    assert str(error.value) == "tile_size must be 0 or None (the whole image at once) or at least 32 pixels; got 16."
+    assert str(error.value) == "tile_size must be 0 (the whole image at once; None too in Python) or at least 32 pixels; got 16."
     with pytest.raises(FileNotFoundError):
         node_module.DiffRIRLoader.execute("missing.pth")
     with pytest.raises(ValueError, match="must be a path inside"):

@@ -291,7 +291,8 @@ FAULTS = [
           "contains '<image>'"),
     Fault("conversation continued on another model", lambda: {
         **ask(), "m2": mllm_loader(LLAMA3), "g2": generator(["m2", 0], "chat", "more", conversation=["g", 2]),
-        "s2": show(["g2", 0])}, "LLMGAPromptGenerator", "start a new conversation for this model"),
+        "s2": show(["g2", 0])}, "LLMGAPromptGenerator",
+          "connect the MLLM that started it, or disconnect the conversation input to start a new one"),
     Fault("conversation continued with another image", lambda: {
         **ask("similar-image", "", image=["i", 0], extra={**RGB, "j": load_image("llmga_similar_example.png")}),
         "g2": generator(["m", 0], "chat", "more", image=["j", 0], conversation=["g", 2]), "s2": show(["g2", 0])},
@@ -344,7 +345,7 @@ FAULTS = [
           "DiffRIRRestore", "DiffRIR got 8 image(s), 3 reference(s) and 1 mask(s)"),
     Fault("DiffRIR tile_size below the minimum", lambda: restore(
         ["i", 0], ["i", 0], ["mk", 0], extra={**RGB, "mk": solid_mask(1.0)}, tile=5),
-          "DiffRIRRestore", "tile_size must be 0 (the whole image at once) or at least 32 pixels; got 5"),
+          "DiffRIRRestore", "tile_size must be 0 (the whole image at once; None too in Python) or at least 32 pixels; got 5"),
     Fault("DiffRIR generated image of the wrong size", lambda: restore(
         ["j", 0], ["i", 0], ["mk", 0], extra={**RGB, "j": load_image("gray.png"), "mk": solid_mask(1.0)}),
           "DiffRIRRestore", "The generated image is 64×48 pixels but this x1 DiffRIR model needs 64×64"),

@@ -27,8 +27,8 @@ def _quarter_tile(tile_size) -> Optional[int]:
     if tile_size is None or (tile_size == 0 and not isinstance(tile_size, bool)):
         return None
     if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < MIN_TILE_SIZE:
-        raise ValueError(f"tile_size must be 0 or None (the whole image at once) or at least {MIN_TILE_SIZE} "
-                         f"pixels; got {tile_size!r}.")
+        raise ValueError(f"tile_size must be 0 (the whole image at once; None too in Python) or at least "
+                         f"{MIN_TILE_SIZE} pixels; got {tile_size!r}.")
     return tile_size // MIN_TILE_SIZE * (MIN_TILE_SIZE // 4)
 
 

@@ -5,9 +5,9 @@ folder, render its conversation template, splice CLIP image features at `<image>
 cache, and read the caption from `<gen_image>…</gen_image>` exactly as the original does.
 """
 from .conversation import Conversation
-from .model import QUIRKS, LLMGAMLLM, MLLMReply, load_mllm
+from .model import QUIRKS, GenerationPlan, LLMGAMLLM, MLLMInputError, MLLMReply, load_mllm
 from .prompts import TASKS, parse_generation_prompt
 from .templates import TEMPLATES
 
 __all__ = ["load_mllm", "LLMGAMLLM", "MLLMReply", "Conversation", "TASKS", "TEMPLATES", "parse_generation_prompt",
-           "QUIRKS"]
+           "QUIRKS", "MLLMInputError", "GenerationPlan"]

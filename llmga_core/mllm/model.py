@@ -56,6 +56,51 @@ QUIRKS = (
 )
 
 
+class MLLMInputError(ValueError):
+    """A request the model cannot run, in one sentence. str() is worded for Python callers (argument names);
+    `for_graph()` for node users (what to connect or disconnect), so a host only translates."""
+
+    def __init__(self, message: str, graph_message: Optional[str] = None):
+        super().__init__(message)
+        self.graph_message = graph_message or message
+
+    def for_graph(self) -> str:
+        return self.graph_message
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """What one generate call needs, known before it runs. progress_steps: the most on_token calls
+    (max_new_tokens per turn; editing runs two turns). positions: the longest sequence the KV cache holds
+    (the prompt with the image's features, cut at the model's position limit as the original cuts it, plus
+    the new tokens; for editing the second turn, whose prompt holds the first answer). weights_bytes: the
+    modules as loaded; kv_cache_bytes: keys and values of `positions` positions in the LLM's dtype;
+    activation_bytes: an upper estimate of the prefill's transient tensors (hidden states, MLP, attention
+    scores, the last position's logits, the vision tower's pass)."""
+
+    progress_steps: int
+    positions: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+
+    @property
+    def working_bytes(self) -> int:
+        """Memory beyond the weights: what a host makes room for next to the loaded model."""
+        return self.kv_cache_bytes + self.activation_bytes
+
+
+@dataclass
+class _Request:
+    """A validated request: the user text, the conversation to continue and the image as the model sees it."""
+
+    task: str
+    text: str
+    conversation: Conversation
+    fingerprint: Optional[str]  # of the image the conversation shows (None: text only)
+    seen: Optional[object]  # uint8 H×W×3 of a new image (holes blacked), None when reusing the conversation's
+
+
 @dataclass
 class MLLMReply:
     """token_ids: the new tokens; response: the answer as the original prints it; prompt: the caption
@@ -138,46 +183,172 @@ class LLMGAMLLM:
         `top_p`). on_token(step, token_id): after every new token, step counting from 1; its exceptions
         propagate (how a host interrupts).
         """
+        request = self._request(instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens)
+        counter = _StepCounter(on_token)
+        pixels = self._pixel_values(request)
+        if task == "editing":
+            return self._edit(request, pixels, temperature, top_p, max_new_tokens, seed, counter)
+        return self._turn(request.conversation, request.text, request.fingerprint, pixels, temperature, top_p,
+                          max_new_tokens, seed, counter)
+
+    def validate(self, instruction: str, *, task: str = "chat", image=None, mask=None,
+                 conversation: Optional[Conversation] = None, temperature: float = 0.0, top_p: Optional[float] = None,
+                 max_new_tokens: int = 512) -> None:
+        """Raises the MLLMInputError generate would raise for these arguments, without running the model (no
+        weights are touched, so a host can call it before moving the model to its device)."""
+        self._request(instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens)
+
+    def plan(self, instruction: str, *, task: str = "chat", image=None, mask=None,
+             conversation: Optional[Conversation] = None, max_new_tokens: int = 512) -> GenerationPlan:
+        """Validates the request (as validate) and says what generating it needs: progress steps and memory."""
+        request = self._request(instruction, task, image, mask, conversation, 0.0, None, max_new_tokens)
+        conv, has_image = request.conversation, request.fingerprint is not None
+        first_with_image = has_image and not conv.messages
+        if task == "editing":
+            first = IMAGE_TOKEN + "\n" + EDITING_FIRST_TURN
+            # the stored first answer is at most max_new_tokens tokens, re-tokenized within a few
+            prompt = conv.with_turn(first, "").prompt(request.text)
+            prefill = self._prompt_positions(prompt, has_image) + max_new_tokens + 8
+        else:
+            message = IMAGE_TOKEN + "\n" + request.text if first_with_image else request.text
+            prefill = self._prompt_positions(conv.prompt(message), has_image)
+        if has_image and self._max_positions is not None:
+            prefill = min(prefill, int(self._max_positions))
+        positions = prefill + max_new_tokens
+        cfg = self.model.language_model.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        item = torch.finfo(self.dtype).bits // 8
+        kv = 2 * cfg.num_hidden_layers * heads * head_dim * item * positions
+        activations = self._prefill_activation_bytes(prefill, item, has_image)
+        turns = 2 if task == "editing" else 1
+        return GenerationPlan(progress_steps=turns * max_new_tokens, positions=positions,
+                              weights_bytes=self.size_bytes(), kv_cache_bytes=kv, activation_bytes=activations)
+
+    # ------------------------------------------------------------------------------ the request
+    def _request(self, instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens) -> _Request:
+        """Every check of a generate call that needs no model, in the order a user fixes them."""
         if task not in TASKS:
-            raise ValueError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}.")
+            raise MLLMInputError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}.")
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens is {max_new_tokens}; it must be at least 1.")
+            raise MLLMInputError(f"max_new_tokens is {max_new_tokens}; it must be at least 1.")
         if temperature < 0:
-            raise ValueError(f"temperature is {temperature}; use 0 for greedy decoding or a positive value to sample.")
+            raise MLLMInputError(f"temperature is {temperature}; use 0 for greedy decoding or a positive value to "
+                                 "sample.")
         if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p is {top_p}; it must be in (0, 1], or None for the model's own setting.")
+            raise MLLMInputError(f"top_p is {top_p}; it must be in (0, 1], or None for the model's own setting.")
         instruction = "" if instruction is None else str(instruction)
         if IMAGE_TOKEN in instruction:
-            raise ValueError("The instruction contains '<image>', which marks where the image goes; pass the image "
-                             "as `image` and remove '<image>' from the text.")
+            raise MLLMInputError(
+                "The instruction contains '<image>', which marks where the image goes; pass the image as `image` "
+                "and remove '<image>' from the text.",
+                "The instruction contains '<image>', which marks where the image goes; remove '<image>' from the "
+                "instruction and connect the picture to the image input.")
         if conversation is not None and not isinstance(conversation, Conversation):
-            raise TypeError(f"conversation must be a Conversation from an earlier reply, not {type(conversation).__name__}.")
+            raise TypeError(f"conversation must be a Conversation from an earlier reply, not "
+                            f"{type(conversation).__name__}.")
         if conversation is not None and conversation.template != self.template:
-            raise ValueError(f"This conversation uses the {conversation.template} template but the model uses "
-                             f"{self.template}; start a new conversation for this model.")
-        text = user_text(task, instruction)  # validates the instruction before any heavy work
+            raise MLLMInputError(
+                f"This conversation uses the {conversation.template} template but the model uses {self.template}; "
+                "start a new conversation for this model.",
+                f"This conversation uses the {conversation.template} template but the model uses {self.template}; "
+                "connect the MLLM that started it, or disconnect the conversation input to start a new one.")
+        try:
+            text = user_text(task, instruction)
+        except ValueError as e:
+            raise MLLMInputError(str(e)) from None
         if task == "editing":
-            return self._edit(text, image, mask, conversation, temperature, top_p, max_new_tokens, seed, on_token)
+            if conversation is not None:
+                raise MLLMInputError(
+                    "The editing task starts a new conversation (an image described, then your edit); pass no "
+                    "conversation, or use the chat task to continue one.",
+                    "The editing task starts a new conversation, so disconnect the conversation input (or use the "
+                    "chat task to continue one).")
+            if image is None:
+                raise MLLMInputError("The editing task needs the image to edit.",
+                                     "The editing task needs the image to edit; connect it to the image input.")
         conv = conversation if conversation is not None else self.new_conversation()
-        fingerprint, pixels = self._image_for_turn(task, image, mask, conv, editing=False)
-        counter = _StepCounter(on_token)
-        reply = self._turn(conv, text, fingerprint, pixels, temperature, top_p, max_new_tokens, seed, counter)
-        return reply
+        if image is None:
+            if mask is not None:
+                raise MLLMInputError(
+                    "A mask was given without its image; pass the image together with the mask.",
+                    "A mask was given without its image; connect the image together with the mask.")
+            if task in ("similar-image", "inpainting", "outpainting") and not conv.has_image:
+                extra = " and a mask" if task != "similar-image" else ""
+                raise MLLMInputError(f"The {task} task needs an image{extra}.",
+                                     f"The {task} task needs an image{extra}; connect one to the image input.")
+            return _Request(task, text, conv, conv.image_fingerprint, None)
+        if mask is None and task in ("inpainting", "outpainting"):
+            raise MLLMInputError(
+                f"The {task} task needs a mask (white = the region to generate) with the image.",
+                f"The {task} task needs a mask (white = the region to generate) with the image; connect one to the "
+                "mask input.")
+        rgb = imaging.to_uint8_rgb(image)
+        seen = imaging.masked_image(rgb, imaging.to_hole_mask(mask, rgb.shape[:2])) if mask is not None else rgb
+        fingerprint = imaging.fingerprint(seen)
+        if conv.has_image:
+            if fingerprint != conv.image_fingerprint:
+                raise MLLMInputError(
+                    "This conversation was started with another image; pass the same image (and mask) to continue "
+                    "it, or start a new conversation for a new image.",
+                    "This conversation was started with another image; connect the same image (and mask) to "
+                    "continue it, or disconnect the conversation input to start a new one.")
+            return _Request(task, text, conv, conv.image_fingerprint, None)
+        if conv.messages:
+            raise MLLMInputError(
+                "This conversation was started without an image, and LLMGA shows an image only in the first turn; "
+                "start a new conversation to talk about an image.",
+                "This conversation was started without an image, and LLMGA shows an image only in the first turn; "
+                "disconnect the conversation input to start a new one with the image.")
+        if task == "text-to-image":
+            raise MLLMInputError(
+                "The text-to-image task takes no image; use similar-image (or chat) to show the model an image.",
+                "The text-to-image task takes no image; choose the similar-image (or chat) task, or disconnect the "
+                "image input.")
+        return _Request(task, text, conv, fingerprint, seen)
+
+    def _pixel_values(self, request: _Request):
+        """CLIP pixels of the request's image: new ones for a first image, else the conversation's (or None)."""
+        if request.seen is None:
+            return request.conversation.pixel_values
+        if request.task == "editing":
+            return self._pixels(imaging.editing_crop(request.seen))
+        return self._pixels(imaging.stretch_to_square(Image.fromarray(request.seen)))
+
+    def _prompt_positions(self, prompt: str, has_image: bool) -> int:
+        """Positions of a rendered prompt: its tokens, with the image's features in place of <image>."""
+        ids = tokenizer_image_token(prompt, self.tokenizer)
+        image_places = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
+        return len(ids) - image_places + (self._image_feature_count() * image_places if has_image else 0)
+
+    def _image_feature_count(self) -> int:
+        cfg = self.model.vision_tower.config
+        patches = (cfg.image_size // cfg.patch_size) ** 2
+        return patches + (1 if self._select_feature == "cls_patch" else 0)
+
+    def _prefill_activation_bytes(self, positions: int, item: int, has_image: bool) -> int:
+        cfg = self.model.language_model.config
+        hidden, layers_wide = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+        # residual, norm, q/k/v, attention output (6 × hidden) and gate/up/product (3 × intermediate) per
+        # position, the attention scores of one layer when the kernel materialises them, the last logits in fp32
+        per_layer = positions * (6 * hidden + 3 * layers_wide) * item
+        scores = cfg.num_attention_heads * positions * positions * max(item, 4)
+        logits = 2 * cfg.vocab_size * 4
+        vision = 0
+        if has_image:
+            vc = self.model.vision_tower.config
+            tokens = self._image_feature_count() + 1
+            vision = tokens * (6 * vc.hidden_size + 2 * vc.intermediate_size) * 4 \
+                + vc.num_attention_heads * tokens * tokens * 4
+        return per_layer + scores + logits + vision
 
     # ----------------------------------------------------------------------------------- the turns
-    def _edit(self, text, image, mask, conversation, temperature, top_p, max_new_tokens, seed, on_token):
-        if conversation is not None:
-            raise ValueError("The editing task starts a new conversation (an image described, then your edit); "
-                             "pass no conversation, or use the chat task to continue one.")
-        if image is None:
-            raise ValueError("The editing task needs the image to edit.")
-        conv = self.new_conversation()
-        fingerprint, pixels = self._image_for_turn("editing", image, mask, conv, editing=True)
-        counter = _StepCounter(on_token)
+    def _edit(self, request: _Request, pixels, temperature, top_p, max_new_tokens, seed, counter):
+        conv, fingerprint = request.conversation, request.fingerprint
         first = self._turn(conv, EDITING_FIRST_TURN, fingerprint, pixels, temperature, top_p, max_new_tokens, seed,
                            counter)
-        second = self._turn(first.conversation, text, fingerprint, pixels, temperature, top_p, max_new_tokens, seed,
-                            counter)
+        second = self._turn(first.conversation, request.text, fingerprint, pixels, temperature, top_p,
+                            max_new_tokens, seed, counter)
         second.source_prompt = first.prompt
         second.notes = [f"source caption: {n}" for n in first.notes] + second.notes
         return second
@@ -205,37 +376,6 @@ class LLMGAMLLM:
                          conversation=new_conv, notes=notes)
 
     # ----------------------------------------------------------------------------------- the image
-    def _image_for_turn(self, task, image, mask, conv: Conversation, *, editing: bool):
-        """(fingerprint, pixel_values) for this turn, or (None, None) for a text-only conversation."""
-        if image is None:
-            if mask is not None:
-                raise ValueError("A mask was given without its image; pass the image together with the mask.")
-            if task in ("similar-image", "inpainting", "outpainting") and not conv.has_image:
-                extra = " and a mask" if task != "similar-image" else ""
-                raise ValueError(f"The {task} task needs an image{extra}.")
-            return conv.image_fingerprint, conv.pixel_values
-        rgb = imaging.to_uint8_rgb(image)
-        hole = None
-        if mask is not None:
-            hole = imaging.to_hole_mask(mask, rgb.shape[:2])
-        elif task in ("inpainting", "outpainting"):
-            raise ValueError(f"The {task} task needs a mask (white = the region to generate) with the image.")
-        seen = imaging.masked_image(rgb, hole) if hole is not None else rgb
-        fingerprint = imaging.fingerprint(seen)
-        if conv.has_image:
-            if fingerprint != conv.image_fingerprint:
-                raise ValueError("This conversation was started with another image; pass the same image (and mask) "
-                                 "to continue it, or start a new conversation for a new image.")
-            return conv.image_fingerprint, conv.pixel_values
-        if conv.messages:
-            raise ValueError("This conversation was started without an image, and LLMGA shows an image only in the "
-                             "first turn; start a new conversation to talk about an image.")
-        if task == "text-to-image":
-            raise ValueError("The text-to-image task takes no image; use similar-image (or chat) to show the model "
-                             "an image.")
-        picture = imaging.editing_crop(seen) if editing else imaging.stretch_to_square(Image.fromarray(seen))
-        return fingerprint, self._pixels(picture)
-
     def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """576×H projected features (LLaVA encode_images) in the LLM dtype."""
         tower = self.model.vision_tower
