@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.host import REPO, ComfyServer, write_vae_file
+from tests import host
+from tests.host import REPO, ComfyServer, small_workflow
 from tests.workflow_format import render_ui, ui_to_api
 
 WORKFLOWS = REPO / "workflows"
@@ -20,44 +21,8 @@ API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.json"))
 UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 PACK_NODES = {"LLMGAMLLMLoader", "LLMGAPromptGenerator", "LLMGALongCLIPTextEncode", "LLMGACheckpointLoader",
               "DiffRIRLoader", "DiffRIRRestore", "LLMGAEdit"}
-MLLM_FAMILIES = {  # released folder names used by the shipped workflows -> fixture family
-    "llmga-vicuna-7b-v1.5-full-finetune": "vicuna",
-    "llmga-llama3-8b-it-full-finetune": "llama3",
-    "llmga-Qwen2-0.5B-full-finetune": "qwen2",
-}
-SD_KINDS = {"llmga-sd15-t2i-v2": "sd15", "llmga-sdxl-t2i": "sdxl",
-            "llmga-sd15-inpainting-v2": "sd15-inpaint", "llmga-sdxl-inpainting-v2": "sdxl-inpaint"}
-
-
 SIMILAR_IMAGE = "llmga_similar_example.png"  # what the similar-image workflows load
 EDIT_IMAGE = "llmga_edit_example.png"  # what the editing workflow loads (not square: cropped as the original)
-EDIT_VAE = "vae-ft-mse-840000-ema-pruned.safetensors"  # the VAE the editing workflow loads, as the original
-
-
-def small_run(workflow: dict) -> dict:
-    """The same graph at test size: few steps, a small canvas, few new tokens."""
-    for node in workflow.values():
-        inputs = node["inputs"]
-        if node["class_type"] in ("KSampler", "KSamplerAdvanced"):
-            inputs["steps"] = 2
-            if "start_at_step" in inputs:
-                inputs["start_at_step"] = min(inputs["start_at_step"], 1)
-        if node["class_type"] == "EmptyLatentImage":
-            inputs["width"] = inputs["height"] = 64
-        if node["class_type"] == "LLMGAPromptGenerator":
-            inputs["max_new_tokens"] = 12
-        if node["class_type"] == "LLMGAMLLMLoader":
-            inputs["dtype"] = "float32"
-        if node["class_type"] == "ImagePadForOutpaint":
-            for side in ("left", "top", "right", "bottom"):
-                inputs[side] = min(inputs[side], 32)
-        if node["class_type"] == "ImageScale":
-            inputs["width"] = inputs["height"] = 64
-        if node["class_type"] == "DiffRIRRestore":
-            inputs["tile_size"] = 32  # exercises the tiled path on the test canvas
-        if node["class_type"] == "LLMGAEdit":
-            inputs["steps"] = 2  # the edit itself stays at the original's 512² (cheap with the light UNet)
-    return workflow
 
 
 def write_input_images(input_dir: Path) -> None:
@@ -78,28 +43,14 @@ def write_input_images(input_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def models_base(tmp_path_factory):
-    from tests.fixtures.tiny_mllm import make_mllm_folder, make_vision_tower
-    from tests.fixtures.tiny_diffrir import make_diffrir_weights
-    from tests.fixtures.tiny_sd import make_sd_folder
-
-    base = tmp_path_factory.mktemp("comfy_base")
-    models = base / "models"
-    for name, family in MLLM_FAMILIES.items():
-        make_mllm_folder(models / "LLM", family, name=name)
-    make_vision_tower(models / "clip_vision" / "clip-vit-large-patch14-336")
-    for name, kind in SD_KINDS.items():
-        # the SD1.5 UNet with attention at its low-resolution level only: editing runs at 512²
-        make_sd_folder(models / "diffusers", kind, name=name, light=kind == "sd15")
-    write_vae_file(models / "vae" / EDIT_VAE)
-    (models / "diffrir").mkdir(parents=True)
-    make_diffrir_weights(models / "diffrir" / "DiffRIR_x1.pth", scale=1)
+    base = host.models_base(tmp_path_factory.mktemp("comfy_base"))  # the tiny models every workflow names
     write_input_images(base / "input")
     return base
 
 
 @pytest.fixture(scope="module")
 def server(models_base):
-    srv = ComfyServer(models_base).start()
+    srv = ComfyServer(models_base, env=host.ONE_THREAD).start()
     yield srv
     srv.stop()
 
@@ -119,8 +70,8 @@ def test_pack_imports_cleanly_and_lists_its_nodes(server, object_info):
     for node_id in PACK_NODES:
         assert object_info[node_id]["python_module"] == "custom_nodes.comfyui-llmga"
     options = lambda node: object_info[node]["input"]["required"]["model_name"][1]["options"]  # noqa: E731
-    assert options("LLMGAMLLMLoader") == sorted(MLLM_FAMILIES)
-    assert set(SD_KINDS) <= set(options("LLMGACheckpointLoader"))
+    assert options("LLMGAMLLMLoader") == sorted(host.MLLM_MODELS)
+    assert set(host.SD_MODELS) <= set(options("LLMGACheckpointLoader"))
     assert options("DiffRIRLoader") == ["DiffRIR_x1.pth"]
 
 
@@ -131,7 +82,7 @@ def test_web_extension_is_served(server):
 
 @pytest.mark.parametrize("path", API_WORKFLOWS, ids=lambda p: p.stem)
 def test_api_workflow_runs_to_an_image(server, models_base, path):
-    workflow = small_run(json.loads(path.read_text()))
+    workflow = small_workflow(json.loads(path.read_text()))
     entry = server.run(workflow)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     saved = [img for out in entry["outputs"].values() for img in out.get("images", []) if img["type"] == "output"]
@@ -159,7 +110,7 @@ def shown_text(reply) -> str:
 
 def test_prompt_generator_matches_the_library(server, models_base):
     """The server's greedy prompt for a workflow equals llmga_core's on the same folder."""
-    workflow = small_run(json.loads((WORKFLOWS / "api" / "llmga_t2i_sd15.json").read_text()))
+    workflow = small_workflow(json.loads((WORKFLOWS / "api" / "llmga_t2i_sd15.json").read_text()))
     entry = server.run(workflow)
     shown = entry["outputs"]["2"]["text"][0]
     mllm = library_mllm(models_base, workflow["1"]["inputs"]["model_name"])
@@ -170,7 +121,7 @@ def test_prompt_generator_matches_the_library(server, models_base):
 def test_dialogue_workflow_equals_one_library_conversation(server, models_base):
     """The three chained Prompt Generators of the dialogue workflow show, turn by turn, the prompts of
     one three-turn conversation in llmga_core, and the last one is what gets rendered."""
-    workflow = small_run(json.loads((WORKFLOWS / "api" / "llmga_dialogue_sd15.json").read_text()))
+    workflow = small_workflow(json.loads((WORKFLOWS / "api" / "llmga_dialogue_sd15.json").read_text()))
     turns = ["2", "3", "4"]
     assert [workflow[t]["inputs"].get("conversation") for t in turns] == [None, ["2", 2], ["3", 2]]
     assert workflow["6"]["inputs"]["text"] == ["4", 0]
@@ -192,7 +143,7 @@ def test_similar_image_workflow_prompt_matches_the_library(server, models_base, 
     """The prompt the server writes for the loaded picture equals llmga_core's for the same PNG."""
     from PIL import Image
 
-    workflow = small_run(json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()))
+    workflow = small_workflow(json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()))
     assert workflow["1"]["inputs"]["image"] == SIMILAR_IMAGE and workflow["3"]["inputs"]["image"] == ["1", 0]
     entry = server.run(workflow)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
@@ -203,7 +154,7 @@ def test_similar_image_workflow_prompt_matches_the_library(server, models_base, 
 
 
 def test_bad_input_is_one_clear_error_and_the_server_keeps_serving(server):
-    workflow = small_run(json.loads((WORKFLOWS / "api" / "llmga_t2i_sd15.json").read_text()))
+    workflow = small_workflow(json.loads((WORKFLOWS / "api" / "llmga_t2i_sd15.json").read_text()))
     workflow["2"]["inputs"]["instruction"] = "   "
     workflow["2"]["inputs"]["seed"] = 12345  # a new cache key
     entry = server.run(workflow)
@@ -217,7 +168,7 @@ def test_bad_input_is_one_clear_error_and_the_server_keeps_serving(server):
 
 
 def test_model_name_outside_the_model_folders_is_refused(server):
-    workflow = small_run(json.loads((WORKFLOWS / "api" / "llmga_t2i_sd15.json").read_text()))
+    workflow = small_workflow(json.loads((WORKFLOWS / "api" / "llmga_t2i_sd15.json").read_text()))
     workflow["3"]["inputs"]["model_name"] = "../../etc"
     status, body = server.post("/prompt", {"prompt": workflow, "client_id": server.client_id})
     if status == 400 or body.get("node_errors"):  # refused by the combo check before running
@@ -317,7 +268,7 @@ def test_inpainting_keeps_preserved_pixels(server, models_base):
     from PIL import Image
     import numpy as np
 
-    workflow = small_run(json.loads((WORKFLOWS / "api" / "llmga_inpaint_sd15_diffrir.json").read_text()))
+    workflow = small_workflow(json.loads((WORKFLOWS / "api" / "llmga_inpaint_sd15_diffrir.json").read_text()))
     entry = server.run(workflow)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     img = entry["outputs"]["11"]["images"][0]
