@@ -69,8 +69,9 @@ def free_port() -> int:
 class ComfyServer:
     """A real `main.py --cpu` on 127.0.0.1 with this pack linked into a private base directory."""
 
-    def __init__(self, base: Path, extra_args=(), env=None):
+    def __init__(self, base: Path, extra_args=(), env=None, cpu: bool = True):
         self.base = Path(base)
+        self.cpu = cpu  # False only for benchmarks on a machine with a GPU
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.client_id = uuid.uuid4().hex
@@ -84,7 +85,8 @@ class ComfyServer:
         self.proc = None
 
     def start(self, timeout=180):
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port",
+               str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch",
                "--database-url", "sqlite:///:memory:", *self.extra_args]
         self._log = open(self.log_path, "wb")

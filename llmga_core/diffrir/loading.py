@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..memory import trim_heap_when_freed
 from ..weights import load_pickle, load_weights
 from .network import INPUT_CHANNELS, SHARED_PREFIXES, DiffRIRConfig, DiffRIRS2, diffusion_schedule
 
@@ -152,4 +153,5 @@ def load_diffrir(path) -> DiffRIRS2:
     _check_state_dict(state, expected, path.name, config)
     net = DiffRIRS2(config)
     net.load_state_dict({key: value.float() for key, value in state.items()}, strict=True)
+    trim_heap_when_freed(net)  # so the host's /free gives the RAM back
     return net.eval()

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..memory import trim_heap_when_freed
 from . import images as imaging
 from .conversation import Conversation
 from .loader import (FolderInfo, build_language_model, build_projector, checkpoint_files, find_vision_tower,
@@ -546,4 +547,5 @@ def load_mllm(folder, *, vision_tower=None, device=None, dtype: Optional[torch.d
         language_model.model.rotary_emb.register_forward_hook(_round_through_fp16)
     tower = load_vision_tower(tower_path)
     modules = MLLMModules(language_model, tower, projector).to(device)
+    trim_heap_when_freed(modules)  # so the host's /free gives the RAM back
     return LLMGAMLLM(info, modules, tokenizer, pixels, template or info.template)
