@@ -284,9 +284,13 @@ def missing_models(server: Server, workflow: dict) -> list[tuple[str, str, str]]
     return missing
 
 
-def describe_missing(missing, models_dir: str | None, server_url: str | None = None) -> str:
+def describe_missing(missing, models_dir: str | None, server_url: str | None = None,
+                     command: list[str] | None = None) -> str:
     """The missing models with where they go: absolute folders when this command started ComfyUI itself
-    (models_dir), folders relative to the server's own models folder with --server (models_dir None)."""
+    (models_dir), folders relative to the server's own models folder with --server (models_dir None); then the
+    command that downloads the released ones (`command`: this run's arguments, to repeat with --download)."""
+    from .downloads import release_for_model
+
     if models_dir is not None:
         lines = [f"These models are not installed in {models_dir}:"]
         where = lambda *parts: os.path.join(models_dir, *parts)  # noqa: E731
@@ -310,34 +314,41 @@ def describe_missing(missing, models_dir: str | None, server_url: str | None = N
         tower = VISION_TOWER_REPO.split("/")[-1]
         lines.append(f"  - the MLLM also needs its CLIP vision tower, unless it is there already: "
                      f"{where('clip_vision', tower)}  [from huggingface.co/{VISION_TOWER_REPO}{download}]")
+    releases = [r for r in (release_for_model(folder, name) for _, name, folder in missing) if r and r.repo_id]
+    if releases and models_dir is not None and "--download" not in (command or []):
+        again = shlex.join(["python", "-m", "llmga_core.run_workflow", *command, "--download"]) if command else \
+            "this command again with --download"
+        lines.append(f"Download them with: {again}")
+    elif releases:
+        names = " ".join(dict.fromkeys(r.name for r in releases))
+        lines.append(f"On that machine, python -m llmga_core.downloads {names} --models-dir <its models folder> "
+                     f"downloads them.")
     return "\n".join(lines)
 
 
 def download_models(missing, models_dir: Path) -> None:
-    try:
-        from huggingface_hub import hf_hub_download, snapshot_download
-    except ImportError:
-        raise WorkflowError("--download needs huggingface_hub (pip install huggingface_hub).") from None
+    """Fetches the released models among `missing` into models_dir (an MLLM with its vision tower), with
+    progress in bytes; refuses, before fetching anything, models that are not on the Hub."""
+    from .downloads import DownloadError, fetch_with_console, plans_for, release_for_model
+
+    releases = {}
     for class_type, name, folder in missing:
-        if folder == "vae" and name == EDIT_VAE_FILE:
-            print(f"[llmga] downloading {EDIT_VAE_REPO}/{name} -> {models_dir / folder}", flush=True)
-            hf_hub_download(repo_id=EDIT_VAE_REPO, filename=name, local_dir=str(models_dir / folder))
-            continue
-        if folder == "vae":
-            raise WorkflowError(f"The VAE {name} ({class_type}) is not one this command knows how to download; put it "
-                                f"into {models_dir / folder} by hand.")
-        if folder not in RELEASED_REPOS:
-            raise WorkflowError(f"{name} ({class_type}) is not on Hugging Face; download it by hand from "
+        release = release_for_model(folder, name)
+        if release is None:
+            raise WorkflowError(f"{name} ({class_type}) is not a released model this command knows how to download; "
+                                f"put it into {models_dir / folder} by hand.")
+        if release.repo_id is None:
+            raise WorkflowError(f"{name} ({class_type}) is not on the Hugging Face Hub: download it by hand from "
                                 f"{DIFFRIR_SOURCE} into {models_dir / folder}.")
-        repo = f"{RELEASED_REPOS[folder]}/{Path(name).name}"
-        print(f"[llmga] downloading {repo} -> {models_dir / folder / name}", flush=True)
-        snapshot_download(repo_id=repo, local_dir=str(models_dir / folder / name))
-        if folder == "LLM":
-            tower = models_dir / "clip_vision" / "clip-vit-large-patch14-336"
-            if not (tower / "config.json").is_file():
-                print(f"[llmga] downloading {VISION_TOWER_REPO} -> {tower}", flush=True)
-                snapshot_download(repo_id=VISION_TOWER_REPO, local_dir=str(tower),
-                                  allow_patterns=["*.json", "*.txt", "*.safetensors"])
+        releases[release.name] = release
+    try:
+        plans = {}
+        for name in releases:
+            for plan in plans_for(name, models_dir):
+                plans.setdefault(plan.target, plan)  # two MLLMs share one vision tower
+        fetch_with_console(list(plans.values()))
+    except DownloadError as error:
+        raise WorkflowError(str(error)) from None
 
 
 # ---------------------------------------------------------------------------------------------- input images
@@ -614,7 +625,9 @@ def comfyui_arguments(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(normalise_argv(list(sys.argv[1:] if argv is None else argv)))
+    argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    args.argv = [str(a) for a in argv]  # repeated with --download in the missing-model list
     try:
         workflow = load_api_workflow(args.workflow)
         apply_settings(workflow, args.settings)
@@ -650,7 +663,7 @@ def run_with(server: Server, workflow: dict, args, models_dir: Path | None) -> i
                                 "its models folder.")
         if missing:
             raise WorkflowError(describe_missing(missing, None if models_dir is None else str(models_dir),
-                                                 server.url))
+                                                 server.url, command=getattr(args, "argv", None)))
     set_images(server, workflow, args.image)
     provide_example_images(server, workflow)
     entry = run_prompt(server, workflow, args.timeout)

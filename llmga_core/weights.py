@@ -57,7 +57,7 @@ def shard_files(index_path) -> tuple[Path, ...]:
         shards.append(index_path.parent / name)
     for shard in shards:
         if not shard.is_file():
-            raise MissingShardError(f"Shard {shard.name} listed in {index_path} is missing; download it again.")
+            raise MissingShardError(f"Shard {shard.name} listed in {index_path} is missing; {_download_again(shard)}.")
     return tuple(shards)
 
 
@@ -65,9 +65,17 @@ def _is_safetensors(path: Path) -> bool:
     return path.suffix.lower() == ".safetensors"
 
 
+def _download_again(path: Path) -> str:
+    """'download it again', with the command that resumes the download when the file belongs to a release."""
+    from .downloads import resume_hint
+
+    hint = resume_hint(path)
+    return f"download it again: {hint}" if hint else "download it again"
+
+
 def _corrupt(path: Path) -> WeightFileError:
     kind = "safetensors" if _is_safetensors(path) else "PyTorch"
-    return WeightFileError(f"{path} is corrupt or incomplete (not a readable {kind} file); download it again.")
+    return WeightFileError(f"{path} is corrupt or incomplete (not a readable {kind} file); {_download_again(path)}.")
 
 
 def check_weight_file(path) -> list[str] | None:

@@ -7,9 +7,9 @@ from .paths import register_model_folders
 
 register_model_folders()
 
-from . import checkpoints, diffrir, editing, long_prompt, mllm  # noqa: E402  (folders registered first)
+from . import checkpoints, diffrir, downloads, editing, long_prompt, mllm  # noqa: E402  (folders registered first)
 
-NODE_MODULES = (mllm, long_prompt, checkpoints, diffrir, editing)
+NODE_MODULES = (mllm, long_prompt, checkpoints, diffrir, editing, downloads)
 
 
 class LLMGAExtension(ComfyExtension):
