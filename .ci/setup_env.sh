@@ -47,6 +47,15 @@ if [ ! -f "$oracle/.llmga-ready" ]; then
     sentencepiece==0.2.0 protobuf 2> >(grep -v "^WARNING: Location '" >&2)
   touch "$oracle/.llmga-ready"
 fi
+# bitsandbytes 0.45.5, the last release without CPU kernels, in a side folder outside the project: the
+# quantization tests load it instead of the venv's to see 8-bit/4-bit refused where bitsandbytes cannot run them.
+old_bnb=${LLMGA_OLD_BITSANDBYTES:-${XDG_CACHE_HOME:-$HOME/.cache}/llmga-comfyui/bitsandbytes-0.45.5}
+if [ ! -f "$old_bnb/.llmga-ready" ]; then
+  echo "[setup] installing bitsandbytes 0.45.5 (no CPU kernels) into $old_bnb"
+  rm -rf "$old_bnb"
+  pip_quiet install --no-deps --target "$old_bnb" bitsandbytes==0.45.5
+  touch "$old_bnb/.llmga-ready"
+fi
 # The frontend test drives the real ComfyUI frontend in Debian's headless Chromium via playwright-core.
 if [ ! -x /usr/bin/chromium ]; then
   echo "[setup] installing Debian's chromium"
@@ -56,5 +65,15 @@ fi
 if [ ! -d "$root/tests/frontend/node_modules/playwright-core" ]; then
   echo "[setup] installing playwright-core"
   (cd "$root/tests/frontend" && npm install --no-audit --no-fund --silent)
+fi
+# The newest ComfyUI frontend (pinned to the version tested) beside the host's own, outside the project: the
+# frontend tests serve it from the same ComfyUI with --front-end-root (tests/test_frontend.py NEWEST_FRONTEND).
+newest_frontend=1.58.1
+frontend_dir=${LLMGA_FRONTEND_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llmga-comfyui/frontend-$newest_frontend}
+if [ ! -f "$frontend_dir/.llmga-ready" ]; then
+  echo "[setup] installing comfyui-frontend-package $newest_frontend into $frontend_dir"
+  rm -rf "$frontend_dir"
+  pip_quiet install --no-deps --target "$frontend_dir" "comfyui-frontend-package==$newest_frontend"
+  touch "$frontend_dir/.llmga-ready"
 fi
 echo "[setup] ready: venv=$venv host=$host"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
@@ -34,6 +35,13 @@ LAYOUTS = ("inference", "training")
 
 class PromptTruncatedWarning(UserWarning):
     """A prompt was longer than LLMGA's encoder keeps; the tail was dropped as the original does."""
+
+
+class PromptCharactersDroppedWarning(UserWarning):
+    """The CLIP tokenizer turns some characters of a prompt into no token at all, so the text encoder never
+    sees them (transformers 4's CLIPTokenizer without ftfy drops control and format characters such as
+    U+200B, private-use and unassigned code points and U+FFFD; Chinese and every other script is kept, as
+    UTF-8 byte pieces)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,6 +268,42 @@ def _warn_truncated(what: str, token_count: int, kept: int, recipe: EncodingReci
     return message
 
 
+def dropped_characters(text: str, tokenizer) -> list[str]:
+    """The characters of `text`, in order of first appearance, that `tokenizer` turns into no token at all.
+
+    Whitespace only separates words and is not counted. A character that gives no token on its own but changes
+    its neighbours' tokens (a combining mark that composes) is not dropped, so each one found alone is kept only
+    if taking it out of the text leaves the text's ids as they are.
+    """
+    candidates = [c for c in dict.fromkeys(text) if not c.isspace()]
+    if not candidates:
+        return []
+    alone = tokenizer(candidates, add_special_tokens=False, verbose=False)["input_ids"]
+    silent = [c for c, ids in zip(candidates, alone) if not ids]
+    if not silent:
+        return []
+    ids = _text_ids(tokenizer, text)
+    if _text_ids(tokenizer, "".join(c for c in text if c not in silent)) == ids:
+        return silent
+    return [c for c in silent if _text_ids(tokenizer, text.replace(c, "")) == ids]
+
+
+def _describe_characters(text: str, characters: list[str], limit: int = 6) -> str:
+    named = []
+    for c in characters[:limit]:
+        count = text.count(c)
+        named.append(f"U+{ord(c):04X} ({unicodedata.name(c, 'unnamed').lower()})" + (f" ×{count}" if count > 1 else ""))
+    more = len(characters) - limit
+    return ", ".join(named) + (f" and {more} more" if more > 0 else "")
+
+
+def _warn_dropped(what: str, text: str, characters: list[str]) -> str:
+    message = (f"The {what} has characters that CLIP's tokenizer drops, so the text encoder never sees them: "
+               f"{_describe_characters(text, characters)}; remove or replace them.")
+    warnings.warn(PromptCharactersDroppedWarning(message), stacklevel=3)
+    return message
+
+
 def plan_prompts(prompt: str, negative_prompt: str | None, *, tokenizers: dict[str, TokenizerSpec],
                  recipe: EncodingRecipe) -> tuple[PromptChunks, PromptChunks | None]:
     """Chunk ids for the prompt and the negative (None = SDXL zeros).
@@ -267,7 +311,8 @@ def plan_prompts(prompt: str, negative_prompt: str | None, *, tokenizers: dict[s
     The negative defaults to "" (lpw's default). SD1.5 gives both the longer one's chunk count, as
     lpw does (and as training's batch padding did). SDXL plans each on its own, as LLMGA's SDXL
     encoder does (own chunk count, EOS and pooled chunk), so the prompt's ids never depend on the
-    negative. Cut prompts raise PromptTruncatedWarning.
+    negative. Cut prompts raise PromptTruncatedWarning; characters the tokenizer drops raise
+    PromptCharactersDroppedWarning.
     """
     for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
         if text is not None and not isinstance(text, str):
@@ -286,6 +331,12 @@ def plan_prompts(prompt: str, negative_prompt: str | None, *, tokenizers: dict[s
     for what, text in texts.items():
         tokenized[what] = {key: tokenize_prompt(text, tokenizers[key].tokenizer, recipe)
                            for key in recipe.encoders}
+        # what reaches the tokenizer: with weight parsing the runs, without their brackets
+        seen = "".join(run for run, _ in parse_prompt_attention(text)) if recipe.parse_weights else text
+        dropped = list(dict.fromkeys(c for key in recipe.encoders
+                                     for c in dropped_characters(seen, tokenizers[key].tokenizer)))
+        if dropped:
+            _warn_dropped(what, seen, dropped)
 
     def kept_length(what: str) -> int:
         return min(recipe.max_tokens, max(len(ids) for ids, _ in tokenized[what].values()))

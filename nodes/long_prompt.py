@@ -14,12 +14,14 @@ import comfy.sd1_clip
 import comfy.sdxl_clip
 from comfy_api.latest import io, ui
 
-from ..llmga_core.long_prompt import (CHUNK_LENGTH, PIPELINES, PromptTruncatedWarning, TokenizerSpec,
-                                      encode_with_backend, recipe_for)
+from ..llmga_core.long_prompt import (CHUNK_LENGTH, PIPELINES, PromptCharactersDroppedWarning, PromptTruncatedWarning,
+                                      TokenizerSpec, encode_with_backend, recipe_for)
 
 log = logging.getLogger("llmga")
 
 PIPELINE_CHOICES = ["auto", *PIPELINES]
+# what the library warns about the text: logged and shown on the node
+SHOWN_WARNINGS = (PromptTruncatedWarning, PromptCharactersDroppedWarning)
 
 
 def clip_family(clip) -> str | None:
@@ -126,12 +128,13 @@ class LLMGALongCLIPTextEncode(io.ComfyNode):
         specs = host_tokenizer_specs(clip, recipe.encoders)
 
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", PromptTruncatedWarning)
+            for shown in SHOWN_WARNINGS:
+                warnings.simplefilter("always", shown)
             embeds = encode_with_backend(text, negative_text, tokenizers=specs, recipe=recipe,
                                          encode_chunks=host_chunk_encoder(clip, recipe))
         notes = []
         for w in caught:
-            if issubclass(w.category, PromptTruncatedWarning):
+            if issubclass(w.category, SHOWN_WARNINGS):
                 log.warning("LLMGA long prompt: %s", w.message)
                 notes.append(str(w.message))
             else:
@@ -145,7 +148,7 @@ class LLMGALongCLIPTextEncode(io.ComfyNode):
 
         positive = conditioning(embeds["prompt_embeds"], embeds.get("pooled_prompt_embeds"))
         negative = conditioning(embeds["negative_prompt_embeds"], embeds.get("negative_pooled_prompt_embeds"))
-        # a cut prompt is shown on the node too (web/js/llmga_text.js), not only in the log
+        # cut prompts and dropped characters are shown on the node (web/js/llmga_text.js), not only logged
         return io.NodeOutput(positive, negative, ui=ui.PreviewText("\n".join(notes)) if notes else None)
 
 

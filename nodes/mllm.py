@@ -6,8 +6,13 @@ report progress per token, which is also where a user interrupt is honoured.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import time
+import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -18,13 +23,18 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..llmga_core.mllm import TASKS, MLLMInputError, load_mllm
-from ..llmga_core.mllm.loader import VisionTowerNotFoundError, is_vision_tower_folder
+from ..llmga_core.mllm.loader import (VisionTowerNotFoundError, find_vision_tower, find_vision_tower_in,
+                                     is_vision_tower_folder, recognise)
+from ..llmga_core.mllm.quantization import bitsandbytes_installed, check_available, install_command
+from ..llmga_core.mllm.streaming import RunningAnswer
 from .paths import MLLM_FOLDER, list_model_dirs, resolve_model_path
 
 log = logging.getLogger("llmga")
 
-VISION_TOWER_NAME = "clip-vit-large-patch14-336"
 DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# the quantised choices of the same combo (the rest of the model in the auto dtype), so saved workflows keep
+# their widget values; bitsandbytes is optional, so they are always listed and refused with how to install it
+QUANTIZED = ("8bit", "4bit")
 
 MLLMType = io.Custom("LLMGA_MLLM")
 ConversationType = io.Custom("LLMGA_CONVERSATION")
@@ -32,11 +42,15 @@ ConversationType = io.Custom("LLMGA_CONVERSATION")
 
 class PromptText(ui.PreviewText):
     """What the node shows ("text"), plus the bare prompt, source prompt and notes apart for API clients
-    (the run command's prompt_<node>.txt)."""
+    (the run command's prompt_<node>.txt). For the node's editor (web/js/llmga_text.js): answer_id (what an
+    edit is bound to), model_prompt (the model's own prompt) and edit ("none", "applied" or "dropped")."""
 
-    def __init__(self, shown: str, *, prompt: str, source_prompt: str, notes: list[str]):
+    def __init__(self, shown: str, *, prompt: str, source_prompt: str, notes: list[str], answer_id: str = "",
+                 model_prompt: str | None = None, edit: str = "none"):
         super().__init__(shown)
-        self.parts = {"prompt": (prompt,), "source_prompt": (source_prompt,), "notes": tuple(notes)}
+        self.parts = {"prompt": (prompt,), "source_prompt": (source_prompt,), "notes": tuple(notes),
+                      "answer_id": (answer_id,), "model_prompt": (prompt if model_prompt is None else model_prompt,),
+                      "edit": (edit,)}
 
     def as_dict(self):
         return {**super().as_dict(), **self.parts}
@@ -54,16 +68,40 @@ class LoadedMLLM:
 
 
 def find_vision_tower_in_clip_vision() -> str | None:
-    """models/clip_vision/clip-vit-large-patch14-336 (or openai/…), as a folder, if a user put it there."""
-    for root in folder_paths.get_folder_paths("clip_vision"):
-        for candidate in (os.path.join(root, VISION_TOWER_NAME), os.path.join(root, "openai", VISION_TOWER_NAME)):
-            if os.path.isfile(os.path.join(candidate, "config.json")):
-                return candidate
-    return None
+    """The vision tower in the host's clip_vision folders, as a folder or a single .safetensors file, if a
+    user put it there (the lookup itself is the library's)."""
+    found = find_vision_tower_in(folder_paths.get_folder_paths("clip_vision"))
+    return None if found is None else str(found)
+
+
+def vision_tower_for(folder: str) -> str:
+    """The tower the MLLM in `folder` uses: beside or inside its folder, else in models/clip_vision; a missing
+    one is one sentence saying where node users put it."""
+    roots = folder_paths.get_folder_paths("clip_vision")
+    try:
+        return str(find_vision_tower(folder, recognise(folder).config, None, search=roots))
+    except VisionTowerNotFoundError as e:
+        # the library's sentence ends with a Python argument; node users place folders instead
+        where = os.path.join(roots[0], e.folder_name) if roots else f"models/clip_vision/{e.folder_name}"
+        raise FileNotFoundError(
+            f"The MLLM needs the CLIP vision tower {e.tower_id}, which is not installed: download it (config.json, "
+            f"preprocessor_config.json and weights) into {where} (or put its weights alone as {where}.safetensors), "
+            f"or into a folder named {e.folder_name} beside the model folder "
+            f"({os.path.join(os.path.dirname(folder), e.folder_name)}), then run again.") from None
+
+
+def dtype_tooltip() -> str:
+    text = ("auto: float16 on a GPU (as LLMGA runs), float32 on the CPU. 8bit (LLM.int8(), about half the float16 "
+            "size of the LLM's layers) and 4bit (NF4, about a quarter) are the original's --load-8bit / --load-4bit, "
+            "with the rest of the model in the auto dtype (the vision tower and projector are not quantized).")
+    if bitsandbytes_installed():
+        return text + " 8bit/4bit run on bitsandbytes."
+    return text + (f" 8bit/4bit need bitsandbytes, which is not installed: run `{install_command()}` and restart "
+                   "ComfyUI.")
 
 
 def choose_dtype(name: str, device: torch.device) -> torch.dtype:
-    if DTYPES[name] is not None:
+    if DTYPES.get(name) is not None:
         return DTYPES[name]
     # the original runs the LLM in float16; on a CPU that is slow and imprecise, so float32 there
     return torch.float16 if mm.should_use_fp16(device) else torch.float32
@@ -83,8 +121,7 @@ class LLMGAMLLMLoader(io.ComfyNode):
                                tooltip="A folder under models/LLM, e.g. llmga-Qwen2-0.5B-full-finetune. The CLIP "
                                        "vision tower openai/clip-vit-large-patch14-336 goes beside it or under "
                                        "models/clip_vision/clip-vit-large-patch14-336."),
-                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
-                               tooltip="auto: float16 on a GPU (as LLMGA runs), float32 on the CPU."),
+                io.Combo.Input("dtype", options=[*DTYPES, *QUANTIZED], default="auto", tooltip=dtype_tooltip()),
             ],
             outputs=[MLLMType.Output(display_name="mllm")],
         )
@@ -94,20 +131,113 @@ class LLMGAMLLMLoader(io.ComfyNode):
         folder = resolve_model_path(MLLM_FOLDER, model_name, want_dir=True)
         load_device = mm.get_torch_device()
         offload_device = mm.text_encoder_offload_device()
-        try:
-            mllm = load_mllm(folder, vision_tower=find_vision_tower_in_clip_vision(), device=offload_device,
-                             dtype=choose_dtype(dtype, load_device))
-        except VisionTowerNotFoundError as e:
-            # the library's sentence ends with a Python argument; node users place folders instead
-            roots = folder_paths.get_folder_paths("clip_vision")
-            where = os.path.join(roots[0], e.folder_name) if roots else f"models/clip_vision/{e.folder_name}"
-            raise FileNotFoundError(
-                f"The MLLM needs the CLIP vision tower {e.tower_id}, which is not installed: download it (config.json, "
-                f"preprocessor_config.json and weights) into {where}, or into a folder named {e.folder_name} beside "
-                f"the model folder ({os.path.join(os.path.dirname(folder), e.folder_name)}), then run again.") from None
+        llm_dtype = choose_dtype(dtype, load_device)
+        quantization = dtype if dtype in QUANTIZED else None
+        tower = vision_tower_for(folder)
+        if quantization is not None:  # it runs on the load device; load_mllm checks the one it loads on
+            check_available(quantization, load_device, llm_dtype)
+        mllm = load_mllm(folder, vision_tower=tower, device=offload_device, dtype=llm_dtype,
+                         quantization=quantization)
         patcher = comfy.model_patcher.ModelPatcher(mllm.model, load_device=load_device,
                                                    offload_device=offload_device, size=mllm.size_bytes())
         return io.NodeOutput(LoadedMLLM(mllm, patcher))
+
+
+PARTIAL_TEXT_EVENT = "llmga.partial_text"  # websocket message {node, prompt_id, text}: the answer so far
+PARTIAL_TEXT_INTERVAL_S = 0.25  # the first token at once, then at most four updates a second
+
+
+def answer_id(loaded: LoadedMLLM, task, instruction, image, mask, conversation, temperature, top_p, max_new_tokens,
+              seed) -> str:
+    """A stable id of everything that shapes the answer: the model (folder, dtype, template), the request and
+    the image and mask the model looks at. The seed counts only when sampling (greedy decoding ignores it)."""
+    model = loaded.mllm
+    digest = hashlib.sha256(json.dumps([
+        str(model.folder), str(model.dtype), model.template, str(getattr(model, "quantization", None)), task,
+        instruction, float(temperature), float(top_p), int(max_new_tokens), int(seed) if temperature > 0 else None,
+        None if conversation is None else [conversation.template, conversation.messages,
+                                           conversation.image_fingerprint],
+    ]).encode())
+    for tensor in (image, mask):
+        digest.update(b"-" if tensor is None else str(tuple(tensor.shape)).encode())
+        if tensor is not None:
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class AnswerMemo:
+    """The last replies by answer id, so running the node again for an edited prompt (which changes its inputs,
+    not its answer) does not generate again. An entry lives only as long as the loaded model that wrote it:
+    when ComfyUI drops or reloads the model (a new loader input, Free model memory) its answers go too."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._entries: OrderedDict[str, tuple[weakref.ref, object]] = OrderedDict()
+
+    def get(self, loaded: LoadedMLLM, key: str):
+        entry = self._entries.get(key)
+        if entry is None or entry[0]() is not loaded:
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def put(self, loaded: LoadedMLLM, key: str, reply) -> None:
+        self._entries[key] = (weakref.ref(loaded), reply)
+        self._entries.move_to_end(key)
+        for stale in [k for k, (ref, _) in self._entries.items() if ref() is None]:
+            del self._entries[stale]
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+ANSWERS = AnswerMemo()
+
+
+def apply_edit(model_prompt: str, edited_prompt: str, edited_from: str, current_answer: str):
+    """(prompt, edit state, note) for a prompt edited on the node. An edit is bound to the answer it was made
+    from (edited_from = that answer's id; empty = any answer, for API clients): when the answer-shaping inputs
+    have changed since, the edit is dropped and the new answer is used."""
+    if not (edited_prompt or "").strip():
+        return model_prompt, "none", None
+    if edited_from and edited_from != current_answer:
+        return model_prompt, "dropped", ("The prompt edited on the node was made for an earlier answer (an input "
+                                         "that shapes the answer changed since), so it was dropped and the new "
+                                         "answer is used.")
+    return edited_prompt, "applied", "The prompt was edited on the node; response and conversation keep the " \
+                                     "model's own answer."
+
+
+class PartialText:
+    """Sends the answer being written to the node's display through the host's websocket, as a message of the
+    pack's own (PARTIAL_TEXT_EVENT). Not the host's send_progress_text: frontend 1.27 renders that text as
+    HTML (linkified, unescaped), and model text must reach the browser as text only."""
+
+    def __init__(self, node_id, running: RunningAnswer):
+        self.node_id = None if node_id is None else str(node_id)
+        self.running = running
+        self.sent_at = None
+        try:
+            from server import PromptServer  # the host's server; absent in scripts without one
+            self.server = getattr(PromptServer, "instance", None)
+        except ImportError:
+            self.server = None
+
+    def add(self, token_id: int) -> None:
+        self.running.add(token_id)
+        # only to the client that queued the prompt: without a client id the host would broadcast it
+        if self.server is None or self.node_id is None or self.server.client_id is None:
+            return
+        now = time.monotonic()
+        if self.sent_at is not None and now - self.sent_at < PARTIAL_TEXT_INTERVAL_S:
+            return
+        self.sent_at = now
+        from comfy_execution.utils import get_executing_context
+
+        context = get_executing_context()
+        prompt_id = context.prompt_id if context is not None else getattr(self.server, "last_prompt_id", None)
+        self.server.send_sync(PARTIAL_TEXT_EVENT, {"node": self.node_id, "prompt_id": prompt_id,
+                                                   "text": "\n\n".join(self.running.texts())},
+                              self.server.client_id)
 
 
 class LLMGAPromptGenerator(io.ComfyNode):
@@ -142,7 +272,15 @@ class LLMGAPromptGenerator(io.ComfyNode):
                                        "generation_config.json, as the original CLI samples."),
                 io.Int.Input("max_new_tokens", default=512, min=1, max=4096),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                # appended last and optional: saved workflows fill widgets by position
+                io.String.Input("edited_prompt", default="", optional=True, dynamic_prompts=False,
+                                tooltip="Replaces the prompt output when not empty, without generating again (the "
+                                        "node's text box writes it when you edit the shown prompt)."),
+                io.String.Input("edited_from", default="", optional=True,
+                                tooltip="The answer_id the edit was made from; when the answer changes (another "
+                                        "instruction, image, model …) the edit is dropped. Empty: any answer."),
             ],
+            hidden=[io.Hidden.unique_id],
             outputs=[
                 io.String.Output(display_name="prompt",
                                  tooltip="The caption from <gen_image>…</gen_image> (editing: the target caption); "
@@ -159,7 +297,7 @@ class LLMGAPromptGenerator(io.ComfyNode):
     @classmethod
     def execute(cls, mllm, task: str, instruction: str, image=None, mask=None, conversation=None,
                 temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 512,
-                seed: int = 0) -> io.NodeOutput:
+                seed: int = 0, edited_prompt: str = "", edited_from: str = "") -> io.NodeOutput:
         pil_like = None if image is None else image[0, :, :, :3]
         mask_2d = None if mask is None else (mask[0] if mask.ndim == 3 else mask)
         try:  # bad input fails here, before the model moves to the GPU
@@ -170,25 +308,39 @@ class LLMGAPromptGenerator(io.ComfyNode):
         notes = []
         if image is not None and image.shape[0] > 1:
             notes.append(f"The image batch has {image.shape[0]} images; the assistant looks at the first.")
-        mm.load_models_gpu([mllm.patcher], memory_required=plan.working_bytes, force_full_load=True)
-        total = plan.progress_steps
-        progress = comfy.utils.ProgressBar(total)
+        answer = answer_id(mllm, task, instruction, pil_like, mask_2d, conversation, temperature, top_p,
+                           max_new_tokens, seed)
+        memo_key = f"{answer}:{int(seed)}"  # the memo keeps the seed even when greedy: a new seed runs again
+        reply = ANSWERS.get(mllm, memo_key)
+        if reply is None:
+            mm.load_models_gpu([mllm.patcher], memory_required=plan.working_bytes, force_full_load=True)
+            total = plan.progress_steps
+            progress = comfy.utils.ProgressBar(total)
+            node_id = cls.hidden.unique_id if cls.hidden is not None else None  # None when called directly
+            partial = PartialText(node_id, RunningAnswer(mllm.mllm, max_new_tokens))
 
-        def on_token(step, token_id):
-            progress.update_absolute(step, total)  # also raises when the user interrupts
+            def on_token(step, token_id):
+                progress.update_absolute(step, total)  # also raises when the user interrupts
+                partial.add(token_id)
 
-        reply = mllm.mllm.generate(instruction, task=task, image=pil_like, mask=mask_2d, conversation=conversation,
-                                   temperature=temperature, top_p=None if top_p <= 0.0 else top_p,
-                                   max_new_tokens=max_new_tokens, seed=seed, on_token=on_token)
+            reply = mllm.mllm.generate(instruction, task=task, image=pil_like, mask=mask_2d,
+                                       conversation=conversation, temperature=temperature,
+                                       top_p=None if top_p <= 0.0 else top_p, max_new_tokens=max_new_tokens,
+                                       seed=seed, on_token=on_token)
+            ANSWERS.put(mllm, memo_key, reply)
         notes.extend(reply.notes)
+        prompt, edit, edit_note = apply_edit(reply.prompt, edited_prompt, edited_from, answer)
+        if edit_note:
+            notes.append(edit_note)
         for note in notes:
             log.warning("LLMGA Prompt Generator: %s", note)
         source = reply.source_prompt if reply.source_prompt is not None else ""
-        shown = reply.prompt if task != "editing" else reply.prompt + "\n\nsource: " + source
+        shown = prompt if task != "editing" else prompt + "\n\nsource: " + source
         if notes:
             shown += "\n\n[" + " ".join(notes) + "]"
-        return io.NodeOutput(reply.prompt, reply.response, reply.conversation, source,
-                             ui=PromptText(shown, prompt=reply.prompt, source_prompt=source, notes=notes))
+        return io.NodeOutput(prompt, reply.response, reply.conversation, source,
+                             ui=PromptText(shown, prompt=prompt, source_prompt=source, notes=notes, answer_id=answer,
+                                           model_prompt=reply.prompt, edit=edit))
 
 
 NODES = [LLMGAMLLMLoader, LLMGAPromptGenerator]

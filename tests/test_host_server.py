@@ -240,26 +240,7 @@ def test_run_workflow_refuses_a_ui_workflow(tmp_path):
     assert done.returncode == 2 and "UI workflow" in done.stderr
 
 
-def test_frontend_loads_every_ui_workflow_and_shows_text_as_text(server, tmp_path):
-    """The real ComfyUI frontend (headless Chromium) knows every node of every UI workflow, builds
-    exactly the API twin from it, and shows model text in a textarea, never as HTML."""
-    out = tmp_path / "frontend.json"
-    script = REPO / "tests" / "frontend" / "check_workflows.mjs"
-    done = subprocess.run(["node", str(script), server.url, str(out), *map(str, UI_WORKFLOWS)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(out.read_text())
-    strip = lambda wf: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in wf.items()}  # noqa: E731
-    for path in UI_WORKFLOWS:
-        entry = report["workflows"][str(path)]
-        assert entry["missing"] == [], f"{path.name}: unknown node types {entry['missing']}"
-        twin = json.loads((WORKFLOWS / "api" / path.name).read_text())
-        assert strip(entry["output"]) == strip(twin), path.name
-    shown = report["text_display"]
-    assert shown["tag"] == "TEXTAREA"
-    assert shown["value"] == report["hostile"]
-    assert not shown["injected"] and not shown["pwned"]
-    assert shown["serialized"] is False
+# The frontend tests (every UI workflow in the real frontend, the prompt on the node) are in tests/test_frontend.py.
 
 
 def test_inpainting_keeps_preserved_pixels(server, models_base):

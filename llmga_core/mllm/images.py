@@ -90,12 +90,17 @@ def fingerprint(*arrays: np.ndarray | None) -> str:
 class ClipPixels:
     """CLIP pixel values exactly as the original's CLIPImageProcessor (PIL) computed them."""
 
-    def __init__(self, vision_folder: Path):
+    def __init__(self, vision_folder: Path, preprocessor: dict | None = None):
+        """From the folder's preprocessor_config.json, or from `preprocessor` (that file's contents) for a
+        tower that came as a single weight file."""
         try:
             from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as processor_class
         except ImportError:  # transformers 4: CLIPImageProcessor is the PIL implementation the original used
             from transformers import CLIPImageProcessor as processor_class
 
+        if preprocessor is not None:
+            self.processor = processor_class.from_dict(dict(preprocessor))
+            return
         config = Path(vision_folder) / "preprocessor_config.json"
         if not config.is_file():
             raise FileNotFoundError(f"{config} is missing; the vision tower folder must be the complete "

@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -198,8 +199,10 @@ def build_projector(config: dict, hidden_size: int, dtype: torch.dtype) -> nn.Se
     return projector.eval().requires_grad_(False)
 
 
-def load_weights(files: list[Path], language_model: nn.Module, projector: nn.Module, *, tied: bool) -> None:
-    """Copy the checkpoint into the models (cast to their dtype); the bf16 CLIP copy is ignored."""
+def load_weights(files: list[Path], language_model: nn.Module, projector: nn.Module, *, tied: bool,
+                 on_loaded: Optional[Callable[[str], None]] = None) -> None:
+    """Copy the checkpoint into the models (cast to their dtype); the bf16 CLIP copy is ignored.
+    on_loaded(key) after each copied tensor (the quantizer converts a layer as soon as its weight is in)."""
     for path in files:
         check_weight_file(path)
     targets = dict(language_model.state_dict(keep_vars=True))
@@ -221,6 +224,8 @@ def load_weights(files: list[Path], language_model: nn.Module, projector: nn.Mod
                                      f"config.json expects {tuple(target.shape)}; config.json and weights disagree.")
                 target.copy_(tensor)
                 loaded.add(key)
+                if on_loaded is not None:
+                    on_loaded(key)
     if unexpected:
         log.warning("ignored %d unexpected weights, e.g. %s", len(unexpected), unexpected[:3])
     projector_keys = {f"model.mm_projector.{k}" for k in projector.state_dict()}
@@ -274,56 +279,201 @@ def is_vision_tower_folder(path) -> bool:
     return config.get("model_type") in ("clip", "clip_vision_model") or "vision_config" in config
 
 
-def find_vision_tower(folder: Path, config: dict, explicit: Optional[str | Path]) -> Path:
-    """The CLIP tower folder: explicit, else a folder named like the config's mm_vision_tower (e.g.
-    clip-vit-large-patch14-336, or the openai/ layout) beside or inside the model folder."""
+def _single_file_tower(root: Path, tail: list[str]) -> Optional[Path]:
+    """`<name>.safetensors` (any letter case, or `<owner>_<name>`) in `root`: the one-file form of the tower
+    that ComfyUI users keep in models/clip_vision."""
+    names = {tail[-1].lower() + ".safetensors"}
+    if len(tail) > 1:
+        names.add(f"{tail[-2]}_{tail[-1]}".lower() + ".safetensors")
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return None
+    for entry in entries:
+        if entry.name.lower() in names and entry.is_file():
+            return entry
+    return None
+
+
+def _tower_name_parts(tower_id: str) -> list[str]:
+    return str(tower_id).replace("\\", "/").rstrip("/").split("/")
+
+
+def find_vision_tower_in(roots: Iterable[str | Path], tower_id: str = VISION_TOWER_ID) -> Optional[Path]:
+    """The tower `tower_id` in one of `roots` (a host's models/clip_vision folders): a folder named like it
+    (or the openai/ layout) with a config.json, else its single .safetensors file; None when absent."""
+    tail = _tower_name_parts(tower_id)
+    roots = [Path(root) for root in roots]
+    for root in roots:
+        for candidate in (root / tail[-1], root.joinpath(*tail)):
+            if (candidate / "config.json").is_file():
+                return candidate
+    for root in roots:
+        single = _single_file_tower(root, tail)
+        if single is not None:
+            return single
+    return None
+
+
+def find_vision_tower(folder: Path, config: dict, explicit: Optional[str | Path],
+                      search: Iterable[str | Path] = ()) -> Path:
+    """The CLIP tower: `explicit` (a folder, or one .safetensors file), else a folder named like the config's
+    mm_vision_tower (e.g. clip-vit-large-patch14-336, or the openai/ layout) beside or inside the model folder,
+    else such a folder or a single `clip-vit-large-patch14-336.safetensors` in one of the `search` folders
+    (a host's models/clip_vision)."""
     if explicit is not None:
         path = Path(explicit)
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            return path
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"The vision tower folder {path} has no config.json; give the folder of "
-                                    f"{VISION_TOWER_ID} (config.json, preprocessor_config.json and weights).")
+                                    f"{VISION_TOWER_ID} (config.json, preprocessor_config.json and weights) or its "
+                                    "weights as one .safetensors file.")
         return path
     tower_id = str(config.get("mm_vision_tower") or VISION_TOWER_ID)
     if Path(tower_id).is_absolute() and (Path(tower_id) / "config.json").is_file():
         return Path(tower_id)  # the original accepts an existing path here too
-    tail = tower_id.replace("\\", "/").rstrip("/").split("/")
-    candidates = []
+    tail = _tower_name_parts(tower_id)
     for base in (Path(folder).parent, Path(folder)):
-        candidates += [base / tail[-1], base.joinpath(*tail)]
-    for candidate in candidates:
-        if (candidate / "config.json").is_file():
-            return candidate
+        for candidate in (base / tail[-1], base.joinpath(*tail)):
+            if (candidate / "config.json").is_file():
+                return candidate
+    found = find_vision_tower_in(search, tower_id)
+    if found is not None:
+        return found
     raise VisionTowerNotFoundError(
         f"The CLIP vision tower {tower_id} was not found: download {tower_id} (config.json, "
         f"preprocessor_config.json and weights) into a folder named {tail[-1]} beside the model folder "
-        f"({Path(folder).parent / tail[-1]}) or under models/clip_vision/, or pass its folder as vision_tower.",
+        f"({Path(folder).parent / tail[-1]}) or under models/clip_vision/ (ComfyUI, where its weights alone as "
+        f"{tail[-1]}.safetensors also work), or pass its folder or .safetensors file as vision_tower.",
         tower_id=tower_id, folder_name=tail[-1])
+
+
+# The openai/clip-vit-large-patch14-336 preprocessor_config.json (LLaVA's image processor), sized for a tower
+# that comes as a single weight file: resize the short side, centre-crop, CLIP's mean and std.
+def openai_preprocessor(image_size: int = 336) -> dict:
+    return {"crop_size": image_size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": image_size}
+
+
+_VISION_PREFIXES = ("vision_model.", "")
+
+
+def _vision_key(names: set[str], key: str) -> Optional[str]:
+    for prefix in _VISION_PREFIXES:
+        if prefix + key in names:
+            return prefix + key
+    return None
+
+
+def vision_config_from_weights(path: Path):
+    """A CLIPVisionConfig read off the tensor shapes of a single CLIPVisionModel / CLIPModel safetensors file:
+    width (class embedding), layers (encoder layer indices), heads = width / 64 (every OpenAI ViT), MLP width,
+    patch size (patch embedding) and image size (√(positions − 1) × patch); OpenAI's quick_gelu."""
+    from transformers import CLIPVisionConfig
+
+    from ..weights import tensor_shape
+
+    names = set(check_weight_file(path) or ())
+    needed = {"width": "embeddings.class_embedding", "patch": "embeddings.patch_embedding.weight",
+              "positions": "embeddings.position_embedding.weight", "mlp": "encoder.layers.0.mlp.fc1.weight"}
+    keys = {what: _vision_key(names, key) for what, key in needed.items()}
+    if None in keys.values():
+        missing = [needed[what] for what, key in keys.items() if key is None]
+        raise ValueError(f"{path} is not a CLIP vision tower: it lacks {missing[0]} (and {len(missing) - 1} more "
+                         f"such tensors); use the weights of {VISION_TOWER_ID} (CLIPVisionModel or CLIPModel).")
+    prefix = keys["width"].removesuffix(needed["width"])
+    width = tensor_shape(path, keys["width"])[0]
+    patch = tensor_shape(path, keys["patch"])
+    positions = tensor_shape(path, keys["positions"])[0]
+    layer_ids = {int(name[len(prefix) + len("encoder.layers."):].split(".")[0]) for name in names
+                 if name.startswith(prefix + "encoder.layers.")}
+    side = math.isqrt(positions - 1)
+    if side * side != positions - 1 or width % 64:
+        raise ValueError(f"{path} is not a ViT vision tower of CLIP's layout ({positions} position embeddings, "
+                         f"width {width}); use the weights of {VISION_TOWER_ID}.")
+    projection = tensor_shape(path, "visual_projection.weight") if "visual_projection.weight" in names else None
+    return CLIPVisionConfig(hidden_size=width, intermediate_size=tensor_shape(path, keys["mlp"])[0],
+                            num_hidden_layers=max(layer_ids) + 1, num_attention_heads=width // 64,
+                            patch_size=patch[-1], image_size=side * patch[-1], num_channels=patch[1],
+                            projection_dim=projection[0] if projection else 768, hidden_act="quick_gelu",
+                            layer_norm_eps=1e-5)
+
+
+def vision_tower_width(path: Path) -> Optional[int]:
+    """The width of the features a tower gives (its hidden size), from config.json or the file's shapes."""
+    path = Path(path)
+    if path.is_file():
+        return vision_config_from_weights(path).hidden_size
+    config = read_json(path / "config.json")
+    vision = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else config
+    width = vision.get("hidden_size")
+    if width is None and (config.get("model_type") == "clip" or "vision_config" in config):
+        from transformers import CLIPConfig
+
+        width = CLIPConfig.from_dict(config).vision_config.hidden_size  # a CLIP config that leaves the default
+    return int(width) if width is not None else None
+
+
+def projector_input_width(files: list[Path], config: dict) -> int:
+    """The projector's input width: mm_projector.0.weight's second dimension where the checkpoint's header says
+    it (safetensors), else config.json's mm_hidden_size."""
+    from ..weights import tensor_shape
+
+    for path in files:
+        shape = tensor_shape(path, "model.mm_projector.0.weight")
+        if shape is not None:
+            return int(shape[1])
+    return int(config.get("mm_hidden_size") or 1024)
+
+
+def check_vision_tower_fits(tower: Path, files: list[Path], config: dict) -> None:
+    """Refuses a tower whose features do not have the width the projector takes, before anything is loaded."""
+    width, wanted = vision_tower_width(tower), projector_input_width(files, config)
+    if width is not None and width != wanted:
+        raise ValueError(f"The vision tower {tower} gives {width}-wide features but this MLLM's projector takes "
+                         f"{wanted}-wide ones (mm_projector.0.weight); use the tower the model was trained with, "
+                         f"{config.get('mm_vision_tower') or VISION_TOWER_ID}.")
+
+
+def vision_tower_pixels(tower: Path):
+    """CLIP's image preprocessing for this tower: its preprocessor_config.json, or for a single weight file
+    the openai preprocessor at the file's image size."""
+    from .images import ClipPixels
+
+    tower = Path(tower)
+    if tower.is_file():
+        return ClipPixels(tower.parent, preprocessor=openai_preprocessor(vision_config_from_weights(tower).image_size))
+    return ClipPixels(tower)
 
 
 def load_vision_tower(path: Path) -> nn.Module:
     """CLIPVisionModel in float32 with eager attention (as transformers 4.41 ran it), from a whole-CLIP
-    (openai/… as published) or a vision-only folder."""
+    (openai/… as published) or a vision-only folder, or from one safetensors file of either."""
     from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModel
 
-    config_dict = read_json(path / "config.json")
-    if config_dict.get("model_type") == "clip" or "vision_config" in config_dict:
-        vision_config = CLIPConfig.from_dict(config_dict).vision_config
-    elif config_dict.get("model_type") in ("clip_vision_model", None):
-        vision_config = CLIPVisionConfig.from_dict(config_dict)
+    path = Path(path)
+    if path.is_file():  # one CLIPVisionModel / CLIPModel safetensors file: sizes from its shapes
+        vision_config = vision_config_from_weights(path)
     else:
-        raise ValueError(f"{path} holds a {config_dict.get('model_type')!r} model, not the CLIP vision tower "
-                         f"{VISION_TOWER_ID}.")
+        config_dict = read_json(path / "config.json")
+        if config_dict.get("model_type") == "clip" or "vision_config" in config_dict:
+            vision_config = CLIPConfig.from_dict(config_dict).vision_config
+        elif config_dict.get("model_type") in ("clip_vision_model", None):
+            vision_config = CLIPVisionConfig.from_dict(config_dict)
+        else:
+            raise ValueError(f"{path} holds a {config_dict.get('model_type')!r} model, not the CLIP vision tower "
+                             f"{VISION_TOWER_ID}.")
     vision_config._attn_implementation = "eager"
     with no_init_weights(), _default_dtype(torch.float32):
         model = CLIPVisionModel(vision_config)
     targets = model.state_dict(keep_vars=True)
-    files = None
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (path / single).is_file():
-            files = [path / single]
-            break
-    if files is None:
-        files = checkpoint_files(path)
+    if path.is_file():
+        files = [path]
+    else:
+        singles = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
+        files = singles[:1] or checkpoint_files(path)
     for file in files:
         check_weight_file(file)
     loaded = set()

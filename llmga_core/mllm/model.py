@@ -21,8 +21,10 @@ from torch import nn
 from ..memory import trim_heap_when_freed
 from . import images as imaging
 from .conversation import Conversation
-from .loader import (FolderInfo, build_language_model, build_projector, checkpoint_files, find_vision_tower,
-                     load_vision_tower, load_weights, native_config, recognise, shrink_vocabulary)
+from .loader import (FolderInfo, build_language_model, build_projector, check_vision_tower_fits, checkpoint_files,
+                     find_vision_tower, load_vision_tower, load_weights, native_config, recognise, shrink_vocabulary,
+                     vision_tower_pixels)
+from . import quantization as quantizing
 from .prompts import EDITING_FIRST_TURN, TASKS, parse_generation_prompt, user_text
 from .templates import TEMPLATES, cut_output
 from .tokenization import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, decode_answer, load_tokenizer, tokenizer_image_token
@@ -517,16 +519,19 @@ class _StepCounter:
 
 
 def load_mllm(folder, *, vision_tower=None, device=None, dtype: Optional[torch.dtype] = None,
-              template: Optional[str] = None) -> LLMGAMLLM:
+              template: Optional[str] = None, quantization: Optional[str] = None) -> LLMGAMLLM:
     """Load a released LLMGA MLLM folder (any of the seven families, safetensors or .bin, sharded or not).
 
-    vision_tower: the openai/clip-vit-large-patch14-336 folder, else a folder of that name beside or inside the
-    model folder. device: where the modules go (default CPU). dtype: the LLM's dtype (default float16 on CUDA,
-    float32 elsewhere); CLIP always runs in float32. template: override the conversation template by name.
+    vision_tower: the openai/clip-vit-large-patch14-336 folder (or its weights as one .safetensors file), else a
+    folder of that name beside or inside the model folder. device: where the modules go (default CPU). dtype:
+    the LLM's dtype (default float16 on CUDA, float32 elsewhere); CLIP always runs in float32. template: override
+    the conversation template by name. quantization: None, "8bit" (LLM.int8()) or "4bit" (NF4) for the LLM's
+    linear layers through bitsandbytes, as the original's --load-8bit / --load-4bit (needs bitsandbytes).
     """
     info = recognise(Path(folder))
     if template is not None and template not in TEMPLATES:
         raise ValueError(f"Unknown template {template!r}; one of {', '.join(TEMPLATES)}.")
+    quantization = quantizing.normalise(quantization)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -535,17 +540,26 @@ def load_mllm(folder, *, vision_tower=None, device=None, dtype: Optional[torch.d
     # everything that can fail cheaply first
     tower_path = find_vision_tower(info.folder, info.config, vision_tower)
     files = checkpoint_files(info.folder)
+    check_vision_tower_fits(tower_path, files, info.config)
+    if quantization is not None:
+        quantizing.check_available(quantization, device, dtype)
     tokenizer = load_tokenizer(info.folder, info.family)
-    pixels = imaging.ClipPixels(tower_path)
+    pixels = vision_tower_pixels(tower_path)
 
     config = native_config(info, dtype)
     language_model = build_language_model(config, dtype)
     projector = build_projector(info.config, config.hidden_size, dtype)
-    load_weights(files, language_model, projector, tied=bool(getattr(config, "tie_word_embeddings", False)))
+    quantizer = quantizing.LinearQuantizer(language_model, quantization, dtype, device) if quantization else None
+    load_weights(files, language_model, projector, tied=bool(getattr(config, "tie_word_embeddings", False)),
+                 on_loaded=quantizer.loaded if quantizer else None)
+    if quantizer is not None:
+        quantizer.finish()
     shrink_vocabulary(language_model, len(tokenizer))
     if info.family in ("mistral", "qwen2") and dtype != torch.float16:
         language_model.model.rotary_emb.register_forward_hook(_round_through_fp16)
     tower = load_vision_tower(tower_path)
     modules = MLLMModules(language_model, tower, projector).to(device)
     trim_heap_when_freed(modules)  # so the host's /free gives the RAM back
-    return LLMGAMLLM(info, modules, tokenizer, pixels, template or info.template)
+    model = LLMGAMLLM(info, modules, tokenizer, pixels, template or info.template)
+    model.quantization = quantization  # None, "8bit" or "4bit"
+    return model

@@ -1,0 +1,350 @@
+"""The prompt on the node, in the real ComfyUI frontend (headless Chromium), against the real server.
+
+Two frontends: the one the host pins (comfyui-frontend-package in the venv, 1.27.10) and the newest on the
+package index (installed by .ci/setup_env.sh into its own folder, served by the same ComfyUI through
+--front-end-root). One server and one browser session per frontend (tests/frontend/check_frontend.mjs records
+what the page shows; the tests here compare it with the server's history and with independent references).
+Screenshots of every check go to $LLMGA_SCREENSHOTS (default /tmp/llmga-screenshots)/<frontend>/.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests import host
+from tests.host import REPO, ComfyServer, executed_nodes, small_workflow
+from tests.test_host_server import write_input_images
+
+WORKFLOWS = REPO / "workflows"
+UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
+SCRIPT = REPO / "tests" / "frontend" / "check_frontend.mjs"
+NEWEST_FRONTEND = "1.58.1"  # the newest comfyui-frontend-package on PyPI when tested; .ci/setup_env.sh installs it
+STREAM_MODEL = "llmga-vicuna-stream-test"  # the tiny Vicuna without an end token: it writes max_new_tokens tokens
+STREAM_TOKENS = 800
+STREAM_WORKFLOW = "llmga_t2i_sd15"
+GENERATOR = "LLMGAPromptGenerator"
+
+
+def newest_frontend_root() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = Path(os.environ.get("LLMGA_FRONTEND_DIR") or cache / "llmga-comfyui" / f"frontend-{NEWEST_FRONTEND}")
+    static = root / "comfyui_frontend_package" / "static"
+    if not (static / "index.html").is_file():
+        raise RuntimeError(f"comfyui-frontend-package {NEWEST_FRONTEND} is not installed in {root}; run "
+                           f"`bash .ci/setup_env.sh`.")
+    return static
+
+
+def make_stream_model(models: Path) -> None:
+    """The tiny Vicuna of the workflows, but with no end token in generation_config.json, so it always writes
+    max_new_tokens tokens (the random tiny models otherwise stop after a few dozen)."""
+    source = (models / "LLM" / "llmga-vicuna-7b-v1.5-full-finetune").resolve()
+    target = models / "LLM" / STREAM_MODEL
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        if entry.name != "generation_config.json" and not (target / entry.name).exists():
+            (target / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    generation = json.loads((source / "generation_config.json").read_text())
+    generation["eos_token_id"] = []
+    (target / "generation_config.json").write_text(json.dumps(generation))
+
+
+def as_shown(text: str) -> str:
+    """Text as a textarea's value gives it back: the HTML spec normalises CR and CRLF to LF."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def strip(prompt: dict) -> dict:
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+
+
+def downstream(prompt: dict, node: str) -> set[str]:
+    """The nodes that take `node`'s outputs, directly or through others, in an API prompt."""
+    found, frontier = set(), {node}
+    while frontier:
+        frontier = {nid for nid, n in prompt.items() for v in n["inputs"].values()
+                    if isinstance(v, list) and len(v) == 2 and str(v[0]) in frontier} - found
+        found |= frontier
+    return found
+
+
+class FrontendRun:
+    def __init__(self, name, server, report, workflows):
+        self.name, self.server, self.report, self.workflows = name, server, report, workflows
+
+    def history(self, prompt_id: str) -> dict:
+        return self.server.get(f"/history/{prompt_id}")[prompt_id]
+
+    def check(self, name: str) -> dict:
+        result = self.report["checks"].get(name)
+        assert result is not None, f"the browser run did not reach the {name} check; console: {self.report['console']}"
+        assert "error" not in result, result["error"]
+        return result
+
+
+@pytest.fixture(scope="module", params=["pinned", "newest"])
+def frontend(request, tmp_path_factory):
+    name = request.param
+    base = host.models_base(tmp_path_factory.mktemp(f"frontend_{name}"))
+    write_input_images(base / "input")
+    make_stream_model(base / "models")
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))  # no first-run template dialog
+    extra = [] if name == "pinned" else ["--front-end-root", str(newest_frontend_root())]
+    server = ComfyServer(base, extra_args=extra, env=host.ONE_THREAD).start()
+    shots = Path(os.environ.get("LLMGA_SCREENSHOTS", "/tmp/llmga-screenshots")) / name
+    shutil.rmtree(shots, ignore_errors=True)
+    workflows = []
+    for path in UI_WORKFLOWS:
+        twin = json.loads((WORKFLOWS / "api" / path.name).read_text())
+        workflows.append({"name": path.stem, "path": str(path), "twin": twin,
+                          "small": small_workflow(json.loads(json.dumps(twin)))})
+    stream = next(w for w in workflows if w["name"] == STREAM_WORKFLOW)
+    legacy = json.loads(Path(stream["path"]).read_text())
+    for node in legacy["nodes"]:  # as saved before edited_prompt / edited_from existed
+        if node["type"] == GENERATOR:
+            node["widgets_values"] = node["widgets_values"][:-2]
+    config = {"server": server.url, "screenshots": str(shots),
+              "workflows": [{k: w[k] for k in ("name", "path", "small")} for w in workflows],
+              "stream": {"path": stream["path"], "small": stream["small"], "model": STREAM_MODEL,
+                         "max_new_tokens": STREAM_TOKENS},
+              "legacy": {"workflow": legacy}}
+    work = tmp_path_factory.mktemp(f"frontend_{name}_run")
+    (work / "config.json").write_text(json.dumps(config))
+    try:
+        done = subprocess.run(["node", str(SCRIPT), str(work / "config.json"), str(work / "report.json")],
+                              cwd=SCRIPT.parent, capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = json.loads((work / "report.json").read_text())
+        yield FrontendRun(name, server, report, workflows)
+    finally:
+        server.stop()
+
+
+def test_the_frontend_is_the_one_asked_for(frontend):
+    wanted = importlib.metadata.version("comfyui-frontend-package") if frontend.name == "pinned" else NEWEST_FRONTEND
+    assert frontend.report["frontend"] == wanted
+    if frontend.name == "newest":
+        assert f"web root: {newest_frontend_root()}" in frontend.server.log()
+
+
+@pytest.mark.parametrize("index", range(len(UI_WORKFLOWS)), ids=[p.stem for p in UI_WORKFLOWS])
+def test_every_ui_workflow_loads_converts_and_runs_from_the_frontend(frontend, index):
+    entry = frontend.workflows[index]
+    record = frontend.report["workflows"][entry["name"]]
+    assert "error" not in record, record["error"]
+    assert record["missing"] == [], f"unknown node types {record['missing']}"
+    assert strip(record["output"]) == strip(entry["twin"])  # the frontend builds exactly the API twin
+    assert strip(record["small_output"]) == strip(entry["small"])  # and, set through its widgets, the test size
+    assert record["node_errors"] == {}
+    history = frontend.history(record["prompt_id"])
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
+    saved = [img for out in history["outputs"].values() for img in out.get("images", []) if img["type"] == "output"]
+    assert saved and all((frontend.server.base / "output" / i["subfolder"] / i["filename"]).is_file() for i in saved)
+    generators = [nid for nid, n in entry["small"].items() if n["class_type"] == GENERATOR]
+    assert generators
+    for nid in generators:  # each Prompt Generator shows its prompt, and its notes apart
+        shown = record["shown"][nid]
+        out = history["outputs"][nid]
+        assert (shown["text"], shown["tag"]) == (as_shown(out["prompt"][0]), "TEXTAREA")
+        notes = list(out["notes"]) + (["source: " + out["source_prompt"][0]] if out["source_prompt"][0] else [])
+        assert sorted(shown["notes"].split("\n")) == sorted(notes) if notes else shown["notes"] == ""
+        assert shown["serialized"] is False and shown["edit_widgets_hidden"] == [True, True]
+        assert shown["property"]["text"] == out["prompt"][0]
+
+
+def test_the_prompt_streams_onto_the_node_while_it_is_written(frontend, original_tokenizers):
+    result = frontend.check("stream")
+    gen, events = result["generator"], result["events"]
+    history = frontend.history(result["prompt_id"])
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
+    done_at = next(i for i, e in enumerate(events) if e["type"] == "executed" and str(e["node"]) == gen)
+    partial = [(i, e) for i, e in enumerate(events) if e["type"] == "llmga.partial_text"]
+    assert partial and all(str(e["node"]) == gen for _, e in partial)
+    assert all(i < done_at for i, _ in partial), "partial text after the node finished"
+    assert all(e["shown"] == as_shown(e["text"]) for _, e in partial), "the text box did not show the partial text"
+    final = history["outputs"][gen]["prompt"][0]
+    assert events[done_at]["shown"] == as_shown(final) and partial[0][1]["text"] != final
+
+    # each partial text is the original tokenizer's decode of the first k tokens, k growing (the library's
+    # greedy tokens for the same request; transformers 4.41 decode as the original CLI stores an answer)
+    import torch
+    from llmga_core.mllm import load_mllm
+
+    models = frontend.server.base / "models"
+    folder = models / "LLM" / STREAM_MODEL
+    mllm = load_mllm(folder, vision_tower=models / "clip_vision" / host.VISION_TOWER, dtype=torch.float32)
+    ids = []
+    inputs = history["prompt"][2][gen]["inputs"]
+    assert inputs["max_new_tokens"] == STREAM_TOKENS
+    reply = mllm.generate(inputs["instruction"], task=inputs["task"], max_new_tokens=STREAM_TOKENS,
+                          on_token=lambda step, token: ids.append(token))
+    assert reply.prompt == final and len(ids) == STREAM_TOKENS
+    prefixes = original_tokenizers.ask(folder, False, decode=[ids[:k] for k in range(1, len(ids) + 1)])["decode"]
+    where = {}
+    for k, text in enumerate(prefixes, start=1):
+        where.setdefault(text.strip(), k)
+    counts = [where.get(e["text"]) for _, e in partial]
+    assert None not in counts, "a partial text is no prefix of the answer"
+    assert counts == sorted(counts) and counts[0] == 1  # the first token at once, then growing
+    before, after = result["size_before"], result["shown"][gen]["size"]
+    assert after[1] > before[1], f"the node did not grow for {len(final)} characters: {before} -> {after}"
+
+
+def test_editing_the_prompt_reruns_only_what_is_downstream(frontend):
+    result = frontend.check("edit")
+    gen, edited = result["generator"], result["edited"]
+    first = frontend.history(result["first"]["prompt_id"])
+    answer_id = first["outputs"][gen]["answer_id"][0]
+    typed = result["typed"][gen]
+    assert (typed["edited_prompt"], typed["edited_from"]) == (edited, answer_id)  # the text box wrote the inputs
+    assert typed["status"].startswith("edited")
+
+    entry = frontend.history(result["run"]["prompt_id"])
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    prompt = entry["prompt"][2]
+    assert (prompt[gen]["inputs"]["edited_prompt"], prompt[gen]["inputs"]["edited_from"]) == (edited, answer_id)
+    out = entry["outputs"][gen]
+    assert out["prompt"] == [edited] and out["edit"] == ["applied"] and out["answer_id"] == [answer_id]
+    assert out["model_prompt"] == first["outputs"][gen]["prompt"]
+    assert executed_nodes(entry) == {gen} | downstream(prompt, gen)  # loaders and the latent come from the cache
+    run_events = result["run"]["events"]
+    assert not [e for e in run_events if e["type"] in ("progress", "llmga.partial_text") and str(e["node"]) == gen], \
+        "the MLLM generated again"
+    assert result["shown"][gen]["text"] == edited and result["prompt"][gen]["inputs"]["edited_prompt"] == edited
+
+
+def test_a_stale_edit_is_dropped_when_the_answer_changes(frontend):
+    result = frontend.check("stale_edit")
+    gen = result["generator"]
+    assert result["before"][gen]["edited_prompt"] != ""  # the edit of the previous check is still set
+    entry = frontend.history(result["run"]["prompt_id"])
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    out = entry["outputs"][gen]
+    assert out["edit"] == ["dropped"] and out["prompt"] == out["model_prompt"]
+    assert any("was dropped" in note for note in out["notes"])
+    assert [e for e in result["run"]["events"] if e["type"] == "progress" and str(e["node"]) == gen], \
+        "a new instruction must be answered anew"
+    after = result["shown"][gen]
+    assert (after["edited_prompt"], after["edited_from"]) == ("", "")  # cleared, so it cannot come back
+    assert after["text"] == as_shown(out["prompt"][0]) and "was dropped" in after["notes"]
+
+
+def test_the_copy_button_copies_the_text(frontend):
+    result = frontend.check("copy")
+    text = result["shown"][result["generator"]]["text"]
+    assert text and result["clipboard"] == text
+    assert result["fallback"] == [text]
+
+
+def test_text_and_notes_come_back_after_a_reload_and_when_the_workflow_is_reopened(frontend):
+    result = frontend.check("reload")
+    gen = result["generator"]
+    before = result["before"][gen]
+    assert before["text"] and before["notes"]
+    for after in (result["after_reload"][gen], result["after_reopen"][gen]):
+        assert (after["text"], after["notes"], after["readOnly"]) == (before["text"], before["notes"], False)
+    assert result["saved_properties"]["llmga_output"]["text"] == before["text"]
+    # kept in the workflow file, never sent with a prompt
+    assert "llmga_output" not in json.dumps(result["prompt"]) and before["text"] not in json.dumps(result["prompt"])
+
+
+def test_an_interrupted_answer_gives_the_node_its_text_back(frontend):
+    result = frontend.check("interrupted")
+    gen = result["generator"]
+    assert result["during"] == {"text": "half an ans", "status": "writing…", "readOnly": True}
+    before, after = result["before"][gen], result["after"][gen]
+    assert (after["text"], after["notes"], after["readOnly"]) == (before["text"], before["notes"], False)
+
+
+def test_a_workflow_saved_before_the_edit_inputs_still_loads(frontend):
+    result = frontend.check("legacy")
+    twin = next(w for w in frontend.workflows if w["name"] == STREAM_WORKFLOW)["twin"]
+    assert result["missing"] == [] and strip(result["output"]) == strip(twin)
+
+
+def test_hostile_model_text_stays_text(frontend):
+    result = frontend.check("hostile")
+    hostile = result["hostile"]
+    assert (result["partial"], result["partial_tag"]) == (hostile, "TEXTAREA")
+    assert (result["value"], result["tag"]) == (hostile, "TEXTAREA")
+    assert result["notes"].split("\n") == ["source: " + hostile, hostile]
+    assert result["other_value"] == hostile
+    assert not result["injected"] and result["pwned"] is None
+    assert not result["host_text_preview"]  # the host's progress-text widget (HTML in 1.27) is never used
+
+
+@pytest.mark.parametrize("family, max_new_tokens, boundary", [
+    ("llama3", 200, "end token"),  # the tiny Llama-3 ends its first (source) caption with an end token
+    ("vicuna", 4, "max_new_tokens"),  # both captions stop at the limit
+])
+def test_the_running_answer_splits_the_editing_turns(tmp_path, original_tokenizers, family, max_new_tokens,
+                                                     boundary):
+    """The live text of an editing run: two turns, split where the decode loop stopped the first one, each
+    decoded as the original tokenizer decodes it (transformers 4.41), the last equal to the reply's tokens."""
+    import torch
+    from llmga_core.mllm import load_mllm
+    from llmga_core.mllm.streaming import RunningAnswer
+    from tests.fixtures.tiny_mllm import make_mllm_folder, make_vision_tower
+
+    folder = make_mllm_folder(tmp_path / "LLM", family)
+    make_vision_tower(folder / host.VISION_TOWER)
+    mllm = load_mllm(folder, dtype=torch.float32)
+    image = torch.rand(40, 56, 3, generator=torch.Generator().manual_seed(0))
+    seen, running = [], RunningAnswer(mllm, max_new_tokens)
+
+    def on_token(step, token_id):
+        seen.append(token_id)
+        running.add(token_id)
+
+    reply = mllm.generate("Make it snowy.", task="editing", image=image, max_new_tokens=max_new_tokens,
+                          on_token=on_token)
+    first, second = running.turns
+    assert first + second == seen and second == reply.token_ids
+    end_ids = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+    end_ids = set(end_ids if isinstance(end_ids, list) else [end_ids])
+    if boundary == "end token":
+        assert first[-1] in end_ids and len(first) < max_new_tokens
+    else:
+        assert len(first) == max_new_tokens and first[-1] not in end_ids
+    expected = [original_tokenizers.decode(folder, ids).strip() for ids in running.turns]
+    assert running.texts() == expected
+    assert expected[0] == reply.conversation.messages[1][1]  # the source caption as the conversation stores it
+
+
+def test_api_clients_set_the_edit_directly(frontend):
+    """Without the frontend: edited_prompt alone replaces the prompt output; bound to another answer it is
+    dropped; the MLLM does not generate again for either."""
+    server = frontend.server
+    watch = host.ProgressWatch(server)
+    workflow = host.shipped_workflow(STREAM_WORKFLOW)
+    gen = next(nid for nid, n in workflow.items() if n["class_type"] == GENERATOR)
+    workflow[gen]["inputs"]["instruction"] = "an API client's boat"
+    first = server.run(workflow)
+    assert watch.last_progress(first["prompt"][1], gen) is not None  # a new request: generated
+    model_prompt = first["outputs"][gen]["prompt"][0]
+    workflow[gen]["inputs"]["edited_prompt"] = "my own words"
+    applied = server.run(workflow)
+    assert applied["outputs"][gen]["prompt"] == ["my own words"] and applied["outputs"][gen]["edit"] == ["applied"]
+    workflow[gen]["inputs"]["edited_from"] = "0000000000000000"
+    dropped = server.run(workflow)
+    assert dropped["outputs"][gen]["prompt"] == [model_prompt] and dropped["outputs"][gen]["edit"] == ["dropped"]
+    for entry in (applied, dropped):
+        assert gen in executed_nodes(entry) and "1" not in executed_nodes(entry)
+        assert watch.last_progress(entry["prompt"][1], gen) is None, "the MLLM generated again"
+        assert entry["outputs"][gen]["model_prompt"] == [model_prompt]
+    # greedy: another seed is generated again (the memory keeps the seed) but is the same answer, so the edit
+    # bound to it still applies
+    answer = first["outputs"][gen]["answer_id"][0]
+    workflow[gen]["inputs"].update(edited_from=answer, seed=workflow[gen]["inputs"]["seed"] + 1)
+    reseeded = server.run(workflow)
+    assert watch.last_progress(reseeded["prompt"][1], gen) is not None
+    assert reseeded["outputs"][gen]["answer_id"] == [answer] and reseeded["outputs"][gen]["edit"] == ["applied"]
+    assert reseeded["outputs"][gen]["model_prompt"] == [model_prompt]
