@@ -6,13 +6,9 @@ report progress per token, which is also where a user interrupt is honoured.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
-import weakref
-from collections import OrderedDict
 
 import torch
 
@@ -25,6 +21,7 @@ from comfy_api.latest import io, ui
 from ..llmga_core.mllm import TASKS, MLLMInputError, load_mllm
 from ..llmga_core.mllm.loader import (VisionTowerNotFoundError, find_vision_tower, find_vision_tower_in,
                                      is_vision_tower_folder, recognise)
+from ..llmga_core.mllm.answers import AnswerMemo, answer_id, apply_edit
 from ..llmga_core.mllm.quantization import bitsandbytes_installed, check_available, install_command
 from ..llmga_core.mllm.streaming import RunningAnswer
 from .paths import MLLM_FOLDER, list_model_dirs, resolve_model_path
@@ -143,68 +140,9 @@ class LLMGAMLLMLoader(io.ComfyNode):
         return io.NodeOutput(LoadedMLLM(mllm, patcher))
 
 
+ANSWERS = AnswerMemo()  # one per server: answers of the models the host keeps loaded
 PARTIAL_TEXT_EVENT = "llmga.partial_text"  # websocket message {node, prompt_id, text}: the answer so far
 PARTIAL_TEXT_INTERVAL_S = 0.25  # the first token at once, then at most four updates a second
-
-
-def answer_id(loaded: LoadedMLLM, task, instruction, image, mask, conversation, temperature, top_p, max_new_tokens,
-              seed) -> str:
-    """A stable id of everything that shapes the answer: the model (folder, dtype, template), the request and
-    the image and mask the model looks at. The seed counts only when sampling (greedy decoding ignores it)."""
-    model = loaded.mllm
-    digest = hashlib.sha256(json.dumps([
-        str(model.folder), str(model.dtype), model.template, str(getattr(model, "quantization", None)), task,
-        instruction, float(temperature), float(top_p), int(max_new_tokens), int(seed) if temperature > 0 else None,
-        None if conversation is None else [conversation.template, conversation.messages,
-                                           conversation.image_fingerprint],
-    ]).encode())
-    for tensor in (image, mask):
-        digest.update(b"-" if tensor is None else str(tuple(tensor.shape)).encode())
-        if tensor is not None:
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-class AnswerMemo:
-    """The last replies by answer id, so running the node again for an edited prompt (which changes its inputs,
-    not its answer) does not generate again. An entry lives only as long as the loaded model that wrote it:
-    when ComfyUI drops or reloads the model (a new loader input, Free model memory) its answers go too."""
-
-    def __init__(self, size: int = 16):
-        self.size = size
-        self._entries: OrderedDict[str, tuple[weakref.ref, object]] = OrderedDict()
-
-    def get(self, loaded: LoadedMLLM, key: str):
-        entry = self._entries.get(key)
-        if entry is None or entry[0]() is not loaded:
-            return None
-        self._entries.move_to_end(key)
-        return entry[1]
-
-    def put(self, loaded: LoadedMLLM, key: str, reply) -> None:
-        self._entries[key] = (weakref.ref(loaded), reply)
-        self._entries.move_to_end(key)
-        for stale in [k for k, (ref, _) in self._entries.items() if ref() is None]:
-            del self._entries[stale]
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-
-
-ANSWERS = AnswerMemo()
-
-
-def apply_edit(model_prompt: str, edited_prompt: str, edited_from: str, current_answer: str):
-    """(prompt, edit state, note) for a prompt edited on the node. An edit is bound to the answer it was made
-    from (edited_from = that answer's id; empty = any answer, for API clients): when the answer-shaping inputs
-    have changed since, the edit is dropped and the new answer is used."""
-    if not (edited_prompt or "").strip():
-        return model_prompt, "none", None
-    if edited_from and edited_from != current_answer:
-        return model_prompt, "dropped", ("The prompt edited on the node was made for an earlier answer (an input "
-                                         "that shapes the answer changed since), so it was dropped and the new "
-                                         "answer is used.")
-    return edited_prompt, "applied", "The prompt was edited on the node; response and conversation keep the " \
-                                     "model's own answer."
 
 
 class PartialText:
@@ -308,7 +246,7 @@ class LLMGAPromptGenerator(io.ComfyNode):
         notes = []
         if image is not None and image.shape[0] > 1:
             notes.append(f"The image batch has {image.shape[0]} images; the assistant looks at the first.")
-        answer = answer_id(mllm, task, instruction, pil_like, mask_2d, conversation, temperature, top_p,
+        answer = answer_id(mllm.mllm, task, instruction, pil_like, mask_2d, conversation, temperature, top_p,
                            max_new_tokens, seed)
         memo_key = f"{answer}:{int(seed)}"  # the memo keeps the seed even when greedy: a new seed runs again
         reply = ANSWERS.get(mllm, memo_key)
