@@ -1,17 +1,31 @@
-"""Decode speed of LLMGAMLLM.generate against plain transformers `generate` on the same model.
+"""Decode speed of the pack's MLLM against transformers and llama.cpp on the same weights, and the memory bound.
 
 The model is a random LLMGA MLLM with the real Qwen2-0.5B sizes (hidden 896, 24 layers, 14 heads / 2 KV
-heads, MLP 4864, 151936 embedding rows shrunk to the tokenizer's 151646 as the original does), written in
-the released layout and loaded through load_mllm. Both sides get the same prompt embeddings and greedy
-settings (the folder's repetition penalty 1.1); decode speed is (N - 1) new tokens over the time after
-the first one, taken as time(N tokens) - time(1 token), best of --repeats. Their token ids must agree.
+heads, MLP 4864, 151936 embedding rows shrunk to the tokenizer's 151646 as the original does; `--size 7b`:
+Qwen2-7B's), written in the released layout and loaded through load_mllm. Every contender gets the same
+text-to-image prompt and greedy decoding with the folder's repetition penalty (1.1, over the generated ids):
 
-    .venv/bin/python bench/bench_mllm.py                      # bf16 on CPU, 24 new tokens
-    .venv/bin/python bench/bench_mllm.py --device cuda --dtype float16 --new-tokens 64
+  - the pack: `LLMGAMLLM.generate` with the static-cache decoder (fast_decode.py, compiled) and with today's
+    dynamic-cache loop (`decoder = "dynamic"`); with `--int8`, also the pack loaded with quantization="8bit"
+  - transformers `generate` on the same language model: eager with its dynamic cache, and with its static cache
+    and torch.compile (`cache_implementation="static"`)
+  - llama.cpp through llama-cpp-python (optional: `pip install llama-cpp-python gguf`) on the same weights
+    written as GGUF (gguf.GGUFWriter), at the bench's precision and as q8_0 for reference; the prompt goes in as
+    token ids and the penalty and argmax are applied to its logits here, as the pack does
+
+Decode speed is (N - 1) new tokens over time(N tokens) - time(1 token), so the prompt's prefill cancels out;
+rounds alternate the order of the contenders, and the median round counts. The bound is the best of a large
+copy (bytes read + written) and a large sum (bytes read) ÷ the weight bytes each token reads.
+
+    .venv/bin/python bench/bench_mllm.py                                   # float32 on CPU, 1 and 2 threads
+    .venv/bin/python bench/bench_mllm.py --dtype bfloat16 --threads 2
+    .venv/bin/python bench/bench_mllm.py --device cuda --dtype float16 [--size 7b]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import sys
 import tempfile
 import time
@@ -22,12 +36,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmga_core.mllm import load_mllm  # noqa: E402
+from llmga_core.mllm import fast_decode, load_mllm  # noqa: E402
 from llmga_core.mllm.tokenization import tokenizer_image_token  # noqa: E402
 from tests.fixtures.tiny_mllm import make_mllm_folder, make_vision_tower  # noqa: E402
 
-QWEN2_05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-             "num_key_value_heads": 2, "vocab_size": 151936, "tokenizer_size": 151646, "max_window_layers": 24}
+SIZES = {
+    "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+             "num_key_value_heads": 2, "vocab_size": 151936, "tokenizer_size": 151646, "max_window_layers": 24},
+    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+           "num_key_value_heads": 4, "vocab_size": 152064, "tokenizer_size": 151646, "max_window_layers": 28,
+           "tie_word_embeddings": False},
+}
 PROMPT = "a lighthouse on a cliff at dusk, waves, dramatic sky"
 
 
@@ -36,110 +55,318 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_time(run, repeats: int, device: torch.device) -> float:
-    """Shortest wall time of `repeats` calls."""
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+def memory_bandwidth(device: torch.device) -> tuple[float, float]:
+    """(copy bytes read + written per second, sum bytes read per second) over 1 GiB, best of 5."""
+    data = torch.randn(256 * 1024 * 1024, device=device)  # written, so no page is a shared zero page
+    out = torch.randn_like(data)
+    rates = {"copy": 0.0, "sum": 0.0}
+    for _ in range(5):
+        for name, run, moved in (("copy", lambda: out.copy_(data), 2), ("sum", lambda: data.sum(), 1)):
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            rates[name] = max(rates[name], moved * data.numel() * 4 / (time.perf_counter() - start))
+    del data, out
+    return rates["copy"], rates["sum"]
 
 
-def measured_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a large device-to-device copy (read + write counted)."""
-    data = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=device)
-    out = torch.empty_like(data)
-    out.copy_(data)
-    seconds = best_time(lambda: out.copy_(data), 5, device)
-    return 2 * data.numel() / seconds
+def bytes_per_token(lm) -> int:
+    """Weight bytes one decode step reads: all parameters, less the input embedding when the head is separate
+    (only one embedding row is read per token)."""
+    total = sum(p.numel() * p.element_size() for p in lm.parameters())
+    embed, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
+    if embed.data_ptr() != head.data_ptr():
+        total -= embed.numel() * embed.element_size()
+    return total
 
 
+def penalised_argmax(logits, generated: list[int], penalty: float) -> int:
+    """transformers' RepetitionPenaltyLogitsProcessor over the generated ids, then argmax (numpy logits)."""
+    import numpy as np
+
+    if penalty != 1.0 and generated:
+        ids = np.unique(np.asarray(generated))
+        picked = logits[ids]
+        logits[ids] = np.where(picked < 0, picked * penalty, picked / penalty)
+    return int(np.argmax(logits))
+
+
+# ------------------------------------------------------------------------------------------------- GGUF
+GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+              "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+              "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+              "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+              "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+              "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+def write_gguf(path: Path, mllm, folder: Path, kind: str) -> int:
+    """The language model as a llama.cpp qwen2 GGUF with matrices in `kind` (F32, F16, BF16, Q8_0); vectors
+    stay F32 as llama.cpp's converter keeps them. Returns the bytes of the matrices a token reads."""
+    import gguf
+    import numpy as np
+
+    lm = mllm.model.language_model
+    cfg = lm.config
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_name("llmga-bench-qwen2")
+    writer.add_context_length(4096)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 1e6))))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    writer.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}[kind])
+    vocabulary = lm.get_input_embeddings().weight.shape[0]
+    tokenizer = mllm.tokenizer
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    tokens = [t if t is not None else f"<unused{i}>" for i, t in
+              enumerate(tokenizer.convert_ids_to_tokens(list(range(vocabulary))))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special or i >= len(tokenizer) - 3 else
+                            gguf.TokenType.NORMAL for i in range(vocabulary)])
+    merges = [line for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+              if line and not line.startswith("#")]
+    writer.add_token_merges(merges)
+    eos = list(mllm._sampling.eos_ids)
+    writer.add_eos_token_id(eos[0])
+    writer.add_bos_token_id(eos[-1])
+    writer.add_add_bos_token(False)
+
+    read = 0
+    tied = lm.get_input_embeddings().weight.data_ptr() == lm.get_output_embeddings().weight.data_ptr()
+    for name, tensor in lm.state_dict().items():
+        if name == "lm_head.weight" and tied:
+            continue
+        if name.startswith("model.layers."):
+            _, _, index, rest = name.split(".", 3)
+            target = f"blk.{index}.{GGUF_NAMES[rest]}"
+        else:
+            target = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                      "lm_head.weight": "output.weight"}[name]
+        data = tensor.detach().to(torch.float32).cpu().numpy()
+        if data.ndim == 1 or kind == "F32":
+            array, raw = data, None
+        elif kind == "F16":
+            array, raw = data.astype(np.float16), None
+        else:
+            array, raw = gguf.quants.quantize(data, qtype), qtype
+        writer.add_tensor(target, array, raw_dtype=raw)  # a quantised array has its byte shape
+        if target != "token_embd.weight" or tied:
+            read += array.nbytes
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return read
+
+
+class LlamaCpp:
+    """One llama.cpp model (llama-cpp-python) decoding greedily from prompt ids."""
+
+    def __init__(self, path: Path, threads: int, context: int, penalty: float, eos: list[int]):
+        from llama_cpp import Llama
+
+        self.model = Llama(model_path=str(path), n_ctx=context, n_batch=512, n_threads=threads,
+                           n_threads_batch=threads, n_gpu_layers=-1, verbose=False)
+        self.penalty, self.eos = penalty, set(eos)
+
+    def set_threads(self, threads: int) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_set_n_threads(self.model._ctx.ctx, threads, threads)
+
+    def generate(self, prompt_ids: list[int], tokens: int) -> list[int]:
+        import numpy as np
+
+        self.model.reset()
+        self.model.eval(prompt_ids)
+        vocabulary = self.model.n_vocab()
+        ids: list[int] = []
+        for step in range(tokens):
+            logits = np.ctypeslib.as_array(self.model._ctx.get_logits(), shape=(vocabulary,)).copy()
+            ids.append(penalised_argmax(logits, ids, self.penalty))
+            if ids[-1] in self.eos or step + 1 == tokens:
+                break
+            self.model.eval([ids[-1]])
+        return ids
+
+
+def llama_cpp_missing() -> str | None:
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ImportError as error:
+        return f"llama.cpp not measured: {error.name} is not installed (pip install llama-cpp-python gguf)"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ the run
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads; 1 by default because on a shared machine multi-threaded timings of the "
-                             "same work vary by tens of percent (0: torch's default)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--size", default="0.5b", choices=sorted(SIZES))
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", default="1,2", help="CPU thread counts to measure, comma-separated")
+    parser.add_argument("--int8", action="store_true", help="also the pack loaded with quantization='8bit' "
+                                                            "(bitsandbytes) against llama.cpp's q8_0")
+    parser.add_argument("--cpu-linears", default="",
+                        help="also the pack's compiled step with these CPU linear kernels (comma-separated: "
+                             "reduction, onednn, default), to measure the alternatives on this machine")
+    parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--no-transformers-static", action="store_true",
+                        help="skip transformers' static cache + torch.compile (its compilation is the slowest)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds")  # the intended behaviour
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = [int(t) for t in args.threads.split(",")] if device.type == "cpu" else [torch.get_num_threads()]
     n = args.new_tokens
+    torch.set_num_threads(max(threads))
 
-    with tempfile.TemporaryDirectory(prefix="llmga-bench-") as tmp:
-        start = time.perf_counter()
-        folder = make_mllm_folder(Path(tmp), "qwen2", sizes=QWEN2_05B)
-        make_vision_tower(Path(tmp) / "clip-vit-large-patch14-336")
-        mllm = load_mllm(folder, device=device, dtype=dtype)
-        print(f"model: random Qwen2-0.5B-sized LLMGA MLLM, {args.dtype} on {device} "
-              f"(built and loaded in {time.perf_counter() - start:.1f} s)")
+    tmp = Path(tempfile.mkdtemp(prefix="llmga-bench-"))
+    start = time.perf_counter()
+    folder = make_mllm_folder(tmp, "qwen2", sizes=SIZES[args.size])
+    make_vision_tower(tmp / "clip-vit-large-patch14-336")
+    mllm = load_mllm(folder, device=device, dtype=dtype)
     lm = mllm.model.language_model
-    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())  # tied head counted once
-    print(f"language model weights: {weight_bytes / 1e9:.3f} GB, vocabulary {lm.get_input_embeddings().weight.shape[0]}")
-
-    # the embeddings generate() builds for a text-to-image turn, given to both sides
+    print(f"model: random Qwen2-{args.size.upper()}-sized LLMGA MLLM, {args.dtype} on {device} "
+          f"(built and loaded in {time.perf_counter() - start:.1f} s); torch {torch.__version__}")
+    weight_bytes = bytes_per_token(lm)
     prompt = mllm.new_conversation().prompt("Generate an image based on given keywords. " + PROMPT)
-    embeds = mllm._input_embeddings(tokenizer_image_token(prompt, mllm.tokenizer), None, [])
-    print(f"prompt: {embeds.shape[1]} positions, {n} new tokens, best of {args.repeats} alternating rounds")
+    prompt_ids = tokenizer_image_token(prompt, mllm.tokenizer)
+    embeds = mllm._input_embeddings(prompt_ids, None, [])
     eos = list(mllm._sampling.eos_ids)
+    penalty = mllm._sampling.repetition_penalty
+    print(f"weights read per token: {weight_bytes / 1e9:.3f} GB; prompt {len(prompt_ids)} positions, {n} new "
+          f"tokens, {args.rounds} rounds in alternating order, medians")
 
-    def ours(tokens):
-        return mllm.generate(PROMPT, task="text-to-image", max_new_tokens=tokens).token_ids
+    def pack(decoder: str, model=mllm, linear=None):
+        def run(tokens):
+            model.decoder = decoder
+            fast_decode.CPU_LINEAR = linear
+            return model.generate(PROMPT, task="text-to-image", max_new_tokens=tokens).token_ids
+        return run
 
-    def plain(tokens):
-        with torch.inference_mode():
-            return lm.generate(inputs_embeds=embeds, max_new_tokens=tokens, do_sample=False, num_beams=1,
-                               repetition_penalty=mllm._sampling.repetition_penalty, eos_token_id=eos,
-                               pad_token_id=eos[0], use_cache=True)[0].tolist()
+    def transformers_generate(static: bool):
+        from transformers import CompileConfig
 
-    ours(2), plain(2)  # warm-up
-    # Rounds alternate the two sides so a busy machine slows both alike; the best round of each counts.
-    # On the CPU the process time is reported too: on a shared machine it is the steadier figure.
-    runs = {"LLMGAMLLM.generate": ours, "transformers generate": plain}
-    clocks = {"wall": time.perf_counter, "cpu": time.process_time}
-    best = {(name, clock, tokens): float("inf") for name in runs for clock in clocks for tokens in (1, n)}
-    ids = {}
-    for round_ in range(args.repeats):
-        for name, run in (list(runs.items()) if round_ % 2 == 0 else list(runs.items())[::-1]):
-            for tokens in (1, n):
-                synchronize(device)
-                started = {clock: read() for clock, read in clocks.items()}
-                ids[name, tokens] = run(tokens)
-                synchronize(device)
-                for clock, read in clocks.items():
-                    best[name, clock, tokens] = min(best[name, clock, tokens], read() - started[clock])
-    ours_ids, plain_ids = ids["LLMGAMLLM.generate", n], ids["transformers generate", n]
-    same = ours_ids == plain_ids
-    print(f"token ids identical: {same}" + ("" if same else f"\n  ours  {ours_ids}\n  plain {plain_ids}"))
-    if len(ours_ids) < n:
-        print(f"note: the model emitted its end token after {len(ours_ids)} tokens; rates use that count")
-    steps = max(len(ours_ids) - 1, 1)
-    results = {}
-    for clock in (("wall", "cpu") if device.type == "cpu" else ("wall",)):
-        for name in runs:
-            first, full = best[name, clock, 1], best[name, clock, n]
-            results[name, clock] = rate = steps / max(full - first, 1e-9)
-            print(f"{name:>22} ({clock:4} time): prefill+1 token {first * 1000:8.1f} ms, {n} tokens "
-                  f"{full * 1000:8.1f} ms, decode {rate:7.2f} tokens/s")
-        ratio = results["LLMGAMLLM.generate", clock] / results["transformers generate", clock]
-        print(f"ratio of decode speeds by {clock} time (ours / plain transformers generate): {ratio:.3f}")
-    results = {name: results[name, "wall"] for name in runs}
+        extra = {}
+        if static:
+            compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else
+                                           "default")
+            compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+            extra = {"cache_implementation": "static", "compile_config": compile_config}
 
-    if device.type == "cuda":
-        bandwidth = measured_bandwidth(device)
-        bound = bandwidth / weight_bytes
-        print(f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s → bound {bound:.0f} tokens/s "
-              f"(weights read once per token); ours reaches {results['LLMGAMLLM.generate'] / bound:.1%}, "
-              f"plain generate {results['transformers generate'] / bound:.1%}")
+        def run(tokens):
+            with torch.inference_mode():
+                return lm.generate(inputs_embeds=embeds, max_new_tokens=tokens, do_sample=False, num_beams=1,
+                                   repetition_penalty=penalty, eos_token_id=eos, pad_token_id=eos[0],
+                                   use_cache=True, **extra)[0].tolist()
+        return run
+
+    pack_name, before_name = "pack: static cache + compiled step", "pack: dynamic cache (before)"
+    contenders = {pack_name: (pack("auto"), dtype, weight_bytes),
+                  before_name: (pack("dynamic"), dtype, weight_bytes),
+                  "transformers generate, eager": (transformers_generate(False), dtype, weight_bytes)}
+    if not args.no_transformers_static:
+        contenders["transformers generate, static + compile"] = (transformers_generate(True), dtype, weight_bytes)
+    for linear in filter(None, args.cpu_linears.split(",")):
+        contenders[f"pack: compiled step, {linear} linear"] = (pack("compiled", linear=linear), dtype, weight_bytes)
+    notes = []
+    if args.int8:
+        try:
+            int8 = load_mllm(folder, device=device, dtype=dtype, quantization="8bit")
+            int8_bytes = bytes_per_token(int8.model.language_model)
+            contenders["pack 8-bit (bitsandbytes)"] = (pack("auto", int8), "int8", int8_bytes)
+        except Exception as error:  # bitsandbytes missing or without kernels here
+            notes.append(f"pack 8-bit not measured: {error}")
+    llama = {}
+    missing = None if not args.no_llama_cpp else "llama.cpp not measured (--no-llama-cpp)"
+    missing = missing or llama_cpp_missing()
+    if missing is None:
+        kinds = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[args.dtype]
+        for kind in dict.fromkeys([kinds, "Q8_0"]):
+            path = tmp / f"model-{kind}.gguf"
+            started = time.perf_counter()
+            read = write_gguf(path, mllm, folder, kind)
+            llama[kind] = LlamaCpp(path, max(threads), len(prompt_ids) + n + 16, penalty, eos)
+            label = f"llama.cpp {kind.lower()}" + (" (8-bit reference)" if kind == "Q8_0" else "")
+            contenders[label] = (lambda tokens, m=llama[kind]: m.generate(prompt_ids, tokens), kind, read)
+            print(f"{label}: GGUF written and loaded in {time.perf_counter() - started:.1f} s")
+    else:
+        notes.append(missing)
+
+    for count in threads:
+        if device.type == "cpu":
+            torch.set_num_threads(count)
+            for model in llama.values():
+                model.set_threads(count)
+        copy_rate, read_rate = memory_bandwidth(device)
+        bandwidth = max(copy_rate, read_rate)
+        # warm-up: the first call at N tokens compiles the compiled contenders; its excess is the compile time
+        first_call = {}
+        for name, (run, _, _) in contenders.items():
+            run(1)
+            synchronize(device)
+            started = time.perf_counter()
+            run(n)
+            synchronize(device)
+            first_call[name] = time.perf_counter() - started
+        rates = {name: [] for name in contenders}
+        full = {name: [] for name in contenders}
+        ids = {}
+        for round_ in range(args.rounds):
+            order = list(contenders) if round_ % 2 == 0 else list(contenders)[::-1]
+            for name in order:
+                run = contenders[name][0]
+                times = {}
+                for tokens in (1, n):
+                    synchronize(device)
+                    started = time.perf_counter()
+                    ids[name] = run(tokens)
+                    synchronize(device)
+                    times[tokens] = time.perf_counter() - started
+                full[name].append(times[n])
+                rates[name].append(max(len(ids[name]) - 1, 1) / max(times[n] - times[1], 1e-9))
+        where = f"{count} thread{'s' if count > 1 else ''}" if device.type == "cpu" else str(device)
+        print(f"\n{where}: memory copy {copy_rate / 1e9:.1f} GB/s (read + write), sum {read_rate / 1e9:.1f} GB/s "
+              f"(read); bound = {bandwidth / 1e9:.1f} GB/s ÷ weight bytes per token")
+        ours = statistics.median(rates[pack_name])
+        print(f"{'contender':42} {'tokens/s':>9} {'× pack':>7} {'bound':>7} {'% bound':>8} {'compile':>8}  "
+              f"ids as before")
+        reference = ids[before_name]
+        for name, (_, precision, read) in contenders.items():
+            rate = statistics.median(rates[name])
+            bound = bandwidth / read
+            compile_time = first_call[name] - statistics.median(full[name])
+            agree = next((i for i, (a, b) in enumerate(zip(ids[name], reference)) if a != b),
+                         min(len(ids[name]), len(reference)))
+            same = "all" if agree == len(ids[name]) == len(reference) else f"first {agree}"
+            shown = f"{compile_time:7.1f}s" if compile_time > 1.0 else "      -"
+            print(f"{name:42} {rate:9.2f} {rate / ours:7.2f} {bound:7.1f} {rate / bound:8.0%} {shown:>8}  {same}")
+        if len(ids[pack_name]) < n:
+            print(f"note: the model emitted its end token after {len(ids[pack_name])} tokens; rates use that count")
+    for note in notes:
+        print(note)
+    if device.type == "cpu":
+        print(f"the pack's compiled CPU step multiplies by the weights with the "
+              f"{fast_decode.cpu_linear_choice(lm, dtype, compiled=True)} kernel")
+    with contextlib.suppress(OSError):
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,8 @@ class LLMGAMLLM:
         self._select_layer = int(info.config.get("mm_vision_select_layer", -2))
         self._select_feature = info.config.get("mm_vision_select_feature", "patch")
         self._sampling = self._sampling_config(info)
+        # "auto", "compiled", "static" or "dynamic" (today's loop): fast_decode.DECODERS, README "Speed"
+        self.decoder = "auto"
 
     # ------------------------------------------------------------------------------------- public
     def size_bytes(self) -> int:
@@ -463,6 +465,15 @@ class LLMGAMLLM:
                 seed: int, counter: "_StepCounter") -> tuple[list[int], bool]:
         from transformers import DynamicCache
 
+        if self.decoder != "dynamic":  # the static cache and compiled step (fast_decode.py), else today's loop
+            from . import fast_decode
+
+            try:
+                return fast_decode.decode(self, embeds, temperature, top_p, max_new_tokens, seed, counter,
+                                          self.decoder)
+            except fast_decode.FastDecodeUnavailable as declined:
+                log.log(logging.WARNING if declined.first else logging.DEBUG,
+                        "LLMGA MLLM: %s; decoding with the dynamic cache instead.", declined)
         lm = self.model.language_model
         device = embeds.device
         top_p = self._sampling.top_p if top_p is None else float(top_p)

@@ -1,0 +1,367 @@
+"""Static-cache decoding: a KV cache preallocated for the request and a compiled one-token step.
+
+Today's loop (`LLMGAMLLM._decode` in model.py, the "dynamic" decoder) runs one Python-driven forward per token on
+a growing DynamicCache. Here the cache is a transformers StaticCache sized to the request (its prompt positions +
+max_new_tokens, rounded up to a multiple of BUCKET), the prompt is prefilled into it eagerly as today, and every
+later token is one call of a step function with fixed shapes, which torch.compile compiles (once per model
+architecture, dtype, device and shape, see README "Speed") and which a GPU replays as a CUDA graph captured per
+request. Greedy decoding applies the repetition penalty (over a mask of the tokens seen), picks the token with
+argmax and writes it into the next step's input on the device, so the host reads tokens only to report them:
+each token on the CPU, where reading is free, and each GPU_BLOCK tokens on a GPU, where it is a synchronisation.
+The end-token check runs on the tokens read. Sampling keeps model.py's `_next_token` after the compiled forward,
+so the same generator draws give the same tokens.
+
+On the CPU, torch's default matrix-vector kernel (MKL's sgemm at one row, in float32) uses one core. A compiled
+step writes each linear layer as a multiply-and-sum over the weight rows, which inductor turns into one
+vectorised pass over the weights on every core; an uncompiled one uses oneDNN's linear where a short measurement
+finds it faster (`cpu_linear_choice`).
+
+Nothing here changes the model: the prefill, the weights and the module tree are today's; the linear kernel is
+swapped only for the duration of a decode.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+log = logging.getLogger("llmga")
+
+DECODERS = ("auto", "compiled", "static", "dynamic")
+"""auto: compiled for models of at least COMPILE_MIN_BYTES of language-model weights, else the static step
+uncompiled; compiled: always compile; static: the static cache with the step uncompiled; dynamic: today's loop."""
+
+BUCKET = 256  # cache positions are rounded up to this, so requests of similar length share one compiled shape
+GPU_BLOCK = 8  # tokens per host synchronisation on a GPU (progress and interruption granularity there)
+COMPILE_MIN_BYTES = 64 * 1024 * 1024  # below this a compilation costs more than it can save
+RECOMPILE_LIMIT = 64  # dynamo's per-function limit (8 by default) would silently stop compiling new models
+
+_compile_failures: dict[tuple, str] = {}  # (device type, dtype, model class) → why compiling failed there
+_compiled_steps: dict[str, Callable] = {}
+_linear_choices: dict[tuple, str] = {}  # (dtype, threads, weight shape) → "onednn" | "default"
+CPU_LINEAR: Optional[str] = None  # "reduction", "onednn" or "default" instead of cpu_linear_choice (bench, tests)
+
+
+class FastDecodeUnavailable(RuntimeError):
+    """The static-cache decoder cannot run this request here; no token was reported yet, so the caller decodes
+    with today's loop. `first` is False when the same reason was already given in this process."""
+
+    def __init__(self, reason: str, first: bool = True):
+        super().__init__(reason)
+        self.first = first
+
+
+# ------------------------------------------------------------------------------------------ the steps
+def _logits_step(lm: nn.Module, cache, token: torch.Tensor, cache_arg: str, keep_arg: Optional[str]) -> torch.Tensor:
+    """The float32 logits (V,) after feeding `token` (1×1) at the cache's next position."""
+    kwargs = {cache_arg: cache, "use_cache": True}
+    if keep_arg:
+        kwargs[keep_arg] = 1
+    return lm(input_ids=token, **kwargs).logits[0, -1].to(torch.float32)
+
+
+def _greedy_step(lm: nn.Module, cache, token: torch.Tensor, seen: torch.Tensor, penalty: float, cache_arg: str,
+                 keep_arg: Optional[str]) -> torch.Tensor:
+    """One greedy token, written into `token` for the next step and marked in `seen`; returns it (0-dim).
+
+    The penalty is transformers 4.41's RepetitionPenaltyLogitsProcessor, as `_next_token` applies it with
+    gather/scatter over the generated ids: the same operation on the same values, over a mask of the ids."""
+    logits = _logits_step(lm, cache, token, cache_arg, keep_arg)
+    if penalty != 1.0:
+        logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    chosen = logits.argmax()
+    token.copy_(chosen.view(1, 1))
+    seen.index_fill_(0, chosen.view(1), True)
+    return chosen
+
+
+def _step_function(kind: str, compiled: bool) -> Callable:
+    plain = _greedy_step if kind == "greedy" else _logits_step
+    if not compiled:
+        return plain
+    step = _compiled_steps.get(kind)
+    if step is None:
+        # fullgraph: a graph break would leave Python (and host synchronisations) inside the step
+        step = _compiled_steps[kind] = torch.compile(plain, fullgraph=True)
+    return step
+
+
+# ---------------------------------------------------------------------------------- the CPU linear kernel
+def _define_onednn_linear():
+    """A custom op around oneDNN's linear on plain (not pre-packed) weights: inductor lowers
+    mkldnn._linear_pointwise only for frozen constant weights, and freezing would copy the weights."""
+    if not (hasattr(torch, "library") and hasattr(torch.library, "custom_op")
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return None
+
+    @torch.library.custom_op("llmga::onednn_linear", mutates_args=(), device_types="cpu")
+    def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @onednn_linear.register_fake
+    def _(x, weight, bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    return onednn_linear
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_linear():
+    try:
+        return _define_onednn_linear()
+    except Exception as error:  # an old torch without custom ops, or an op that changed
+        log.debug("oneDNN linear unavailable: %s", error)
+        return None
+
+
+def _onednn_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.llmga.onednn_linear(x, module.weight, module.bias)  # defined by _onednn_linear()
+
+
+def _reduction_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """x·Wᵀ + b written as a multiply-and-sum over each weight row, which inductor fuses into one pass over W,
+    parallel over the output features, accumulating in float32. Only for compiled steps: run eagerly it would
+    materialise x * W."""
+    out = (x.unsqueeze(-2).to(torch.float32) * module.weight.to(torch.float32)).sum(-1)
+    if module.bias is not None:
+        out = out + module.bias.to(torch.float32)
+    return out.to(x.dtype)
+
+
+_FORWARDS = {"onednn": _onednn_forward, "reduction": _reduction_forward}
+
+
+def _plain_linears(lm: nn.Module) -> list[nn.Linear]:
+    # exactly nn.Linear: quantised subclasses (bitsandbytes) keep their own forward
+    return [m for m in lm.modules() if type(m) is nn.Linear]
+
+
+def cpu_linear_choice(lm: nn.Module, dtype: torch.dtype, compiled: bool) -> str:
+    """The matrix-vector kernel of the CPU step. Compiled: "reduction" (on the 2-core AVX-512 machine of README
+    "Speed" ×1.3–1.8 faster than oneDNN's and ×1.7–2.3 than torch's default, which uses one core). Uncompiled:
+    "onednn" or "default", the faster for this model's largest linear layer at the current thread count,
+    measured once per process and shape (interleaved runs, best of five)."""
+    if CPU_LINEAR is not None:
+        return CPU_LINEAR if compiled or CPU_LINEAR != "reduction" else "default"
+    if compiled:
+        return "reduction"
+    onednn = _onednn_linear()
+    linears = _plain_linears(lm)
+    if onednn is None or not linears or dtype not in (torch.float32, torch.bfloat16):
+        return "default"
+    largest = max(linears, key=lambda m: m.weight.numel())
+    key = (dtype, torch.get_num_threads(), tuple(largest.weight.shape))
+    if key not in _linear_choices:
+        x = torch.randn(1, 1, largest.in_features, dtype=dtype)
+        kernels = {"default": lambda: torch.nn.functional.linear(x, largest.weight, largest.bias),
+                   "onednn": lambda: onednn(x, largest.weight, largest.bias)}
+        best = {name: float("inf") for name in kernels}
+        with torch.inference_mode():
+            try:
+                for name, run in kernels.items():
+                    run()  # first-call set-up
+                for _ in range(5):
+                    for name, run in kernels.items():
+                        start = time.perf_counter()
+                        run()
+                        best[name] = min(best[name], time.perf_counter() - start)
+            except Exception as error:
+                log.debug("oneDNN linear failed on this machine: %s", error)
+                best["onednn"] = float("inf")
+        choice = _linear_choices[key] = "onednn" if best["onednn"] < 0.95 * best["default"] else "default"
+        log.info("LLMGA MLLM: %s linear kernel for CPU decoding in %s with %d threads (%.2f ms oneDNN vs %.2f ms "
+                 "default for a %dx%d weight)", choice, str(dtype).removeprefix("torch."), key[1],
+                 best["onednn"] * 1e3, best["default"] * 1e3, largest.out_features, largest.in_features)
+    return _linear_choices[key]
+
+
+@contextlib.contextmanager
+def linear_kernel(lm: nn.Module, choice: str):
+    """Runs the model's plain linear layers through `choice` ("default", "onednn", "reduction") in the block."""
+    forward = _FORWARDS.get(choice)
+    if forward is None:
+        yield
+        return
+    linears = _plain_linears(lm)
+    _onednn_linear()  # defines the op (outside any compiled region)
+    for module in linears:
+        module.forward = forward.__get__(module)
+    try:
+        yield
+    finally:
+        for module in linears:
+            module.__dict__.pop("forward", None)
+
+
+# ------------------------------------------------------------------------------------------- CUDA graphs
+class _GraphStep:
+    """The compiled step captured as a CUDA graph: replay() runs it on the static inputs it was captured with."""
+
+    def __init__(self, step: Callable, args: tuple, state: list[torch.Tensor]):
+        saved = [t.clone() for t in state]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step(*args)  # warm-up on a side stream, as capture requires; it advanced the state, so restore it
+        torch.cuda.current_stream().wait_stream(stream)
+        for tensor, value in zip(state, saved):
+            tensor.copy_(value)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = step(*args)
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.output
+
+
+# ------------------------------------------------------------------------------------------- the decoder
+@dataclass
+class _Plan:
+    compiled: bool
+    linear: str
+
+
+def _unsupported(lm: nn.Module, cache_arg: str) -> Optional[str]:
+    try:
+        from transformers import StaticCache  # noqa: F401
+        from transformers.cache_utils import StaticLayer  # noqa: F401
+    except ImportError:
+        return "this transformers version has no StaticCache layers"
+    if "cache_position" in inspect.signature(lm.forward).parameters:
+        import transformers
+
+        return (f"transformers {transformers.__version__} needs cache positions passed to every step; the static "
+                "cache decoder needs transformers 5 or later")
+    return None
+
+
+def _plan(lm: nn.Module, device: torch.device, dtype: torch.dtype, mode: str) -> _Plan:
+    if mode == "compiled":
+        compiled = True
+    else:
+        weights = sum(p.numel() * p.element_size() for p in lm.parameters())
+        compiled = mode == "auto" and weights >= COMPILE_MIN_BYTES
+    linear = cpu_linear_choice(lm, dtype, compiled) if device.type == "cpu" else "default"
+    return _Plan(compiled=compiled, linear=linear)
+
+
+def _tokens_per_sync(device: torch.device) -> int:
+    """Tokens computed between two reads of the device: reading is a synchronisation only on a GPU."""
+    return GPU_BLOCK if device.type == "cuda" else 1
+
+
+def _short(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    first = text.split(". ")[0]
+    return f"{type(error).__name__}: {first[:200]}"
+
+
+def decode(mllm, embeds: torch.Tensor, temperature: float, top_p: Optional[float], max_new_tokens: int, seed: int,
+           counter: Callable[[int], None], mode: str) -> tuple[list[int], bool]:
+    """(new token ids, whether max_new_tokens was reached before an end token), as model.py's dynamic loop.
+
+    Raises FastDecodeUnavailable, before any token is reported, where the static cache or its compiled step
+    cannot run; exceptions of `counter` (progress, interruption) propagate."""
+    from .model import _forward_argument_names
+
+    if mode not in DECODERS or mode == "dynamic":
+        raise ValueError(f"decoder is {mode!r}; use one of {', '.join(DECODERS)}.")
+    lm = mllm.model.language_model
+    device, dtype = embeds.device, next(lm.parameters()).dtype
+    cache_arg, keep_arg = _forward_argument_names(lm)
+    reason = _unsupported(lm, cache_arg)
+    if reason:
+        raise FastDecodeUnavailable(reason, first=reason not in _compile_failures.values())
+    plan = _plan(lm, device, dtype, mode)
+    failure_key = (device.type, dtype, type(lm).__name__)
+    if plan.compiled:
+        if not torch._dynamo.is_dynamo_supported():
+            reason = "torch.compile is not supported on this Python/torch"
+            first = failure_key not in _compile_failures
+            _compile_failures[failure_key] = reason
+            raise FastDecodeUnavailable(reason, first=first)
+        if failure_key in _compile_failures:
+            raise FastDecodeUnavailable(_compile_failures[failure_key], first=False)
+
+    from transformers import StaticCache
+
+    sampling = mllm._sampling
+    top_p = sampling.top_p if top_p is None else float(top_p)
+    generator = torch.Generator(device=device).manual_seed(int(seed)) if temperature > 0 else None
+    eos = set(sampling.eos_ids)
+    length = -(-(embeds.shape[1] + max_new_tokens) // BUCKET) * BUCKET
+    greedy = temperature <= 0
+    with torch.inference_mode():
+        cache = StaticCache(config=lm.config, max_cache_len=length)
+        prefill = {cache_arg: cache, "use_cache": True}
+        if keep_arg:
+            prefill[keep_arg] = 1
+        logits = lm(inputs_embeds=embeds, **prefill).logits[0, -1].to(torch.float32)
+        first = mllm._next_token(logits, None, temperature, top_p, generator)
+        del logits
+        first_id = int(first)
+        if first_id in eos or max_new_tokens == 1:
+            counter(first_id)
+            return [first_id], first_id not in eos
+        out = torch.empty(max_new_tokens, dtype=torch.long, device=device)  # the tokens, on the device
+        out[0] = first
+        token = first.view(1, 1).clone()
+        vocabulary = lm.get_output_embeddings().weight.shape[0]
+        seen = torch.zeros(vocabulary, dtype=torch.bool, device=device)
+        seen[first] = True
+        step = _step_function("greedy" if greedy else "logits", plan.compiled)
+        args = (lm, cache, token, seen, sampling.repetition_penalty, cache_arg, keep_arg) if greedy else \
+            (lm, cache, token, cache_arg, keep_arg)
+
+        def advance(run: Callable[[], torch.Tensor], count: int) -> torch.Tensor:
+            """Token `count` (0-based) from the step's output; sampling draws it here as the dynamic loop does."""
+            result = run()
+            if greedy:
+                return result
+            chosen = mllm._next_token(result, out[:count], temperature, top_p, generator)
+            token.copy_(chosen.view(1, 1))
+            return chosen
+
+        with linear_kernel(lm, plan.linear), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            try:  # the first step compiles; nothing has been reported yet, so a failure can still fall back
+                out[1] = advance(lambda: step(*args), 1)
+            except Exception as error:
+                what = "compiling the decode step" if plan.compiled else "the static-cache decode step"
+                reason = f"{what} failed on {device.type} ({_short(error)})"
+                if plan.compiled:
+                    _compile_failures[failure_key] = reason
+                raise FastDecodeUnavailable(reason) from error
+            run = functools.partial(step, *args)
+            if device.type == "cuda" and plan.compiled:
+                state = [token] + ([seen] if greedy else []) + [layer.cumulative_length for layer in cache.layers]
+                try:
+                    run = _GraphStep(step, args, state)
+                except Exception as error:  # the compiled step still runs, launched per kernel
+                    key = ("cuda graph",) + failure_key
+                    if key not in _compile_failures:
+                        _compile_failures[key] = str(error)
+                        log.warning("LLMGA MLLM: capturing the decode step as a CUDA graph failed (%s); "
+                                    "decoding with the compiled step alone.", _short(error))
+            block = _tokens_per_sync(device)
+            ids = [first_id]
+            counter(first_id)
+            done = 2  # tokens in `out`
+            while True:
+                for token_id in out[len(ids):done].tolist():  # one synchronisation per block
+                    ids.append(token_id)
+                    counter(token_id)
+                    if token_id in eos:
+                        return ids, False
+                if done == max_new_tokens:
+                    return ids, True
+                for _ in range(min(block, max_new_tokens - done)):
+                    out[done] = advance(run, done)
+                    done += 1
