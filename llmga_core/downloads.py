@@ -40,6 +40,8 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Optional
 from urllib.parse import quote
 
+from .console import live_bar_class
+
 __all__ = [
     "Release", "RELEASES", "KIND_FOLDERS", "DownloadError", "DownloadPlan", "RemoteFile", "find_release",
     "release_for_model", "target_folder", "is_complete", "plan_download", "run_downloads", "download",
@@ -673,16 +675,7 @@ class ConsoleProgress:
         self.stream = stream or sys.stdout
         self.bar = None
         self.shown = -1
-        if live is None:
-            live = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.tqdm = None
-        if live:
-            try:
-                from tqdm import tqdm
-
-                self.tqdm = tqdm
-            except ImportError:
-                pass
+        self.tqdm = live_bar_class(self.stream, live)
 
     def __call__(self, done: int, total: int, file: str) -> None:
         if self.tqdm is not None:

@@ -30,6 +30,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from .console import live_bar_class
+
 # Released model folders (Hugging Face repo id = binxia/<folder>) by the ComfyUI models/ subfolder they go in.
 RELEASED_REPOS = {
     "LLM": "binxia",
@@ -399,16 +401,7 @@ class ProgressPrinter:
     def __init__(self, titles: dict, stream=None, live: bool | None = None):
         self.titles = titles
         self.stream = stream or sys.stdout
-        if live is None:
-            live = self.stream.isatty()
-        self.tqdm = None
-        if live:
-            try:
-                from tqdm import tqdm
-
-                self.tqdm = tqdm
-            except ImportError:
-                pass
+        self.tqdm = live_bar_class(self.stream, live)
         self.node = None
         self.bar = None
         self.last = None  # (value, max) of the current node
