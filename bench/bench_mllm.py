@@ -360,6 +360,7 @@ def main() -> None:
             print(f"note: the model emitted its end token after {len(ids[pack_name])} tokens; rates use that count")
     for note in notes:
         print(note)
+    fast_decode.CPU_LINEAR = None
     if device.type == "cpu":
         print(f"the pack's compiled CPU step multiplies by the weights with the "
               f"{fast_decode.cpu_linear_choice(lm, dtype, compiled=True)} kernel")

@@ -229,7 +229,7 @@ class _Plan:
     linear: str
 
 
-def _unsupported(lm: nn.Module, cache_arg: str) -> Optional[str]:
+def _unsupported(lm: nn.Module) -> Optional[str]:
     try:
         from transformers import StaticCache  # noqa: F401
         from transformers.cache_utils import StaticLayer  # noqa: F401
@@ -277,11 +277,14 @@ def decode(mllm, embeds: torch.Tensor, temperature: float, top_p: Optional[float
     lm = mllm.model.language_model
     device, dtype = embeds.device, next(lm.parameters()).dtype
     cache_arg, keep_arg = _forward_argument_names(lm)
-    reason = _unsupported(lm, cache_arg)
+    reason = _unsupported(lm)
     if reason:
-        raise FastDecodeUnavailable(reason, first=reason not in _compile_failures.values())
+        first = ("unsupported",) not in _compile_failures
+        _compile_failures["unsupported",] = reason
+        raise FastDecodeUnavailable(reason, first=first)
     plan = _plan(lm, device, dtype, mode)
-    failure_key = (device.type, dtype, type(lm).__name__)
+    quantised = any(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in lm.modules())
+    failure_key = (device.type, dtype, type(lm).__name__, quantised)
     if plan.compiled:
         if not torch._dynamo.is_dynamo_supported():
             reason = "torch.compile is not supported on this Python/torch"
