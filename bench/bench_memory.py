@@ -30,15 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from tests import host  # noqa: E402
 from tests.fixtures.full_size_sd import full_size_folder  # noqa: E402
-from tests.fixtures.tiny_mllm import make_mllm_folder  # noqa: E402
+from tests.fixtures.tiny_mllm import QWEN2_SIZES, make_mllm_folder  # noqa: E402
 
-MLLM_SIZES = {
-    "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-             "num_key_value_heads": 2, "vocab_size": 151936, "tokenizer_size": 151646, "max_window_layers": 24},
-    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-           "num_key_value_heads": 4, "vocab_size": 152064, "tokenizer_size": 151646, "max_window_layers": 28,
-           "tie_word_embeddings": False},
-}
 
 
 def status_kb(pid: int, field: str) -> int:
@@ -132,7 +125,7 @@ def measure(base: Path, option: list[str], args, mllm_name: str, sd_name: str) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mllm", choices=list(MLLM_SIZES), default="0.5b")
+    parser.add_argument("--mllm", choices=list(QWEN2_SIZES), default="0.5b")
     parser.add_argument("--sd", choices=["sd15", "sdxl"], default="sd15")
     parser.add_argument("--gpu", action="store_true", help="run ComfyUI on the GPU (needs CUDA)")
     args = parser.parse_args()
@@ -143,7 +136,7 @@ def main() -> None:
         started = time.perf_counter()
         base = host.models_base(tmp / "base")
         mllm_name = f"llmga-Qwen2-{args.mllm}-sized-random"
-        make_mllm_folder(base / "models" / "LLM", "qwen2", name=mllm_name, sizes=MLLM_SIZES[args.mllm])
+        make_mllm_folder(base / "models" / "LLM", "qwen2", name=mllm_name, sizes=QWEN2_SIZES[args.mllm])
         sd_folder = full_size_folder(args.sd)
         sd_name = sd_folder.name
         (base / "models" / "diffusers" / sd_name).symlink_to(sd_folder, target_is_directory=True)

@@ -38,15 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmga_core.mllm import fast_decode, load_mllm  # noqa: E402
 from llmga_core.mllm.tokenization import tokenizer_image_token  # noqa: E402
-from tests.fixtures.tiny_mllm import make_mllm_folder, make_vision_tower  # noqa: E402
+from tests.fixtures.tiny_mllm import QWEN2_SIZES, make_mllm_folder, make_vision_tower  # noqa: E402
 
-SIZES = {
-    "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-             "num_key_value_heads": 2, "vocab_size": 151936, "tokenizer_size": 151646, "max_window_layers": 24},
-    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-           "num_key_value_heads": 4, "vocab_size": 152064, "tokenizer_size": 151646, "max_window_layers": 28,
-           "tie_word_embeddings": False},
-}
 PROMPT = "a lighthouse on a cliff at dusk, waves, dramatic sky"
 
 
@@ -213,7 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--size", default="0.5b", choices=sorted(SIZES))
+    parser.add_argument("--size", default="0.5b", choices=sorted(QWEN2_SIZES))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", default="1,2", help="CPU thread counts to measure, comma-separated")
@@ -237,7 +230,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="llmga-bench-"))
     start = time.perf_counter()
-    folder = make_mllm_folder(tmp, "qwen2", sizes=SIZES[args.size])
+    folder = make_mllm_folder(tmp, "qwen2", sizes=QWEN2_SIZES[args.size])
     make_vision_tower(tmp / "clip-vit-large-patch14-336")
     mllm = load_mllm(folder, device=device, dtype=dtype)
     lm = mllm.model.language_model

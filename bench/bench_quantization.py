@@ -27,10 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmga_core.mllm import load_mllm  # noqa: E402
-from tests.fixtures.tiny_mllm import FAMILIES, make_mllm_folder, make_vision_tower  # noqa: E402
+from tests.fixtures.tiny_mllm import FAMILIES, QWEN2_SIZES, make_mllm_folder, make_vision_tower  # noqa: E402
 
-QWEN2_05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-             "num_key_value_heads": 2, "vocab_size": 151936, "tokenizer_size": 151646, "max_window_layers": 24}
 PROMPT = "a lighthouse on a cliff at dusk, waves, dramatic sky"
 
 
@@ -151,7 +149,7 @@ def main() -> None:
                   f"(mean {sum(values) / len(values):.3f})")
         if not args.no_big:
             start = time.perf_counter()
-            folder = make_mllm_folder(root / "big", "qwen2", sizes=QWEN2_05B)
+            folder = make_mllm_folder(root / "big", "qwen2", sizes=QWEN2_SIZES["0.5b"])
             make_vision_tower(root / "big" / "clip-vit-large-patch14-336")
             print(f"(Qwen2-0.5B-sized random model written in {time.perf_counter() - start:.0f} s)")
             compare("Qwen2-0.5B-sized", folder, args.device, args.tokens, float16=True)
