@@ -2,20 +2,28 @@
 # Builds the test environment from nothing: the real ComfyUI host from ../shared/host,
 # a venv with the host's torch stack, the host's requirements, the pack's requirements
 # and the test tools. Idempotent: a step whose result is present is skipped.
-#   LLMGA_VENV        venv folder        (default: <repo>/.venv)
-#   LLMGA_COMFYUI_DIR unpacked ComfyUI   (default: ~/.cache/llmga-comfyui/ComfyUI-0.3.64, outside
-#                     the project as ../shared/host/README.md asks; never committed)
+#   LLMGA_HOST_VERSION  which ComfyUI of ../shared/host (default 0.33.0; also 0.3.64). One venv per host:
+#                       their pins differ (0.33 pins its frontend, comfy-aimdo, comfy-kitchen, needs torchaudio).
+#   LLMGA_VENV          venv folder        (default: <repo>/.venv-comfyui-<version>)
+#   LLMGA_COMFYUI_DIR   unpacked ComfyUI   (default: ~/.cache/llmga-comfyui/ComfyUI-<version>, outside
+#                       the project as ../shared/host/README.md asks; never committed)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 shared=${LLMGA_SHARED_DIR:-$root/../shared}
-venv=${LLMGA_VENV:-$root/.venv}
-host=${LLMGA_COMFYUI_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llmga-comfyui/ComfyUI-0.3.64}
+version=${LLMGA_HOST_VERSION:-0.33.0}
+tarball="$shared/host/ComfyUI-$version.tar.gz"
+if [ ! -f "$tarball" ]; then
+  echo "[setup] no $tarball; LLMGA_HOST_VERSION must name a ComfyUI of $shared/host (0.33.0 or 0.3.64)" >&2
+  exit 1
+fi
+venv=${LLMGA_VENV:-$root/.venv-comfyui-$version}
+host=${LLMGA_COMFYUI_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llmga-comfyui/ComfyUI-$version}
 py=${PYTHON:-python3}
 
 if [ ! -f "$host/.llmga-unpacked" ]; then  # the stamp, not main.py: an interrupted unpack is redone
   echo "[setup] unpacking ComfyUI into $host"
   rm -rf "$host" && mkdir -p "$host"
-  tar -C "$host" --strip-components=1 -xzf "$shared/host/ComfyUI-0.3.64.tar.gz"
+  tar -C "$host" --strip-components=1 -xzf "$tarball"
   touch "$host/.llmga-unpacked"
 fi
 
@@ -26,10 +34,14 @@ fi
 pip_quiet() {  # this machine's pip config names local wheel folders; their absence is not news
   "$venv/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location '" >&2)
 }
-stamp="$venv/.llmga-setup-$(cat "$root/requirements.txt" "$root/.ci/requirements-test.txt" | sha1sum | cut -c1-12)"
+stamp="$venv/.llmga-setup-$(cat "$root/requirements.txt" "$root/.ci/requirements-test.txt" "$host/requirements.txt" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing torch stack (from local disk where available)"
   pip_quiet install torch==2.14.1 torchvision==0.29.1
+  if grep -qE '^\s*torchaudio\s*$' "$host/requirements.txt"; then
+    # 0.33's comfy/sd.py imports torchaudio; 2.11.1 (torch>=2.11) is the release that imports beside torch 2.14.1
+    pip_quiet install torch==2.14.1 torchaudio==2.11.1
+  fi
   echo "[setup] installing host requirements"
   grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$host/requirements.txt" > "$venv/host-requirements.txt"
   pip_quiet install -r "$venv/host-requirements.txt" requests
@@ -76,4 +88,4 @@ if [ ! -f "$frontend_dir/.llmga-ready" ]; then
   pip_quiet install --no-deps --target "$frontend_dir" "comfyui-frontend-package==$newest_frontend"
   touch "$frontend_dir/.llmga-ready"
 fi
-echo "[setup] ready: venv=$venv host=$host"
+echo "[setup] ready: ComfyUI $version venv=$venv host=$host"

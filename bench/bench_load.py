@@ -1,7 +1,7 @@
 """Load run: hundreds of mixed prompts through ComfyUI's HTTP API, as a pipeline queues them, on tiny models.
 
-Starts the real ComfyUI (0.3.64, --cpu, this pack linked in) on the tiny models the tests use and queues N
-prompts at once that mix the shipped workflows at test size: text-to-image (SD1.5, Vicuna), inpainting +
+Starts the real ComfyUI (the tests' host: LLMGA_HOST_VERSION, 0.33.0 unless set; --cpu, this pack linked in) on
+the tiny models the tests use and queues N prompts at once that mix the shipped workflows at test size: text-to-image (SD1.5, Vicuna), inpainting +
 DiffRIR (SD1.5 inpainting, Vicuna), similar-image (SDXL, Llama-3) and instruction editing (SD1.5, Vicuna,
 the full-size VAE, 512²), every prompt with its own seed. It prints completed / failed / lost, the server's
 RSS after warm-up and at the end, how often each model was loaded, per-prompt time percentiles (the server's
@@ -9,8 +9,8 @@ own timestamps) with the ratio to the same workflow run alone, and whether a cha
 only the sampler. Then it measures, per cache option of the host, how often alternating workflows reload the
 SD checkpoint and the MLLM (baseline: the default cache).
 
-    .venv/bin/python bench/bench_load.py                         # 200 prompts, then the cache options (~10 min)
-    .venv/bin/python bench/bench_load.py --prompts 60 --edit-every 0 --alternating 12
+    .venv-comfyui-0.33.0/bin/python bench/bench_load.py                         # 200 prompts, then the cache options (~10 min)
+    .venv-comfyui-0.33.0/bin/python bench/bench_load.py --prompts 60 --edit-every 0 --alternating 12
 """
 from __future__ import annotations
 

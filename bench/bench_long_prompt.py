@@ -7,7 +7,7 @@ weights, then times, for one ~300-token caption:
            nodes a graph needs for positive and negative)
 and prints medians and the ratios node / host.
 
-Run from the repository root:  .venv/bin/python bench/bench_long_prompt.py [--sdxl] [--fp16] [--repeats 5]
+Run from the repository root:  .venv-comfyui-0.33.0/bin/python bench/bench_long_prompt.py [--sdxl] [--fp16] [--repeats 5]
 """
 from __future__ import annotations
 

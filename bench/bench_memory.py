@@ -12,7 +12,7 @@ with CUDA) it starts ComfyUI on the GPU and reads the device's used memory from 
 runs, for the default (offloading: the MLLM leaves the GPU when SD needs the room), --highvram (no offloading)
 and --lowvram.
 
-usage: .venv/bin/python bench/bench_memory.py [--mllm 0.5b|7b] [--sd sd15|sdxl] [--gpu]
+usage: .venv-comfyui-0.33.0/bin/python bench/bench_memory.py [--mllm 0.5b|7b] [--sd sd15|sdxl] [--gpu]
 """
 from __future__ import annotations
 

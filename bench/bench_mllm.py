@@ -17,9 +17,9 @@ Decode speed is (N - 1) new tokens over time(N tokens) - time(1 token), so the p
 rounds alternate the order of the contenders, and the median round counts. The bound is the best of a large
 copy (bytes read + written) and a large sum (bytes read) ÷ the weight bytes each token reads.
 
-    .venv/bin/python bench/bench_mllm.py                                   # float32 on CPU, 1 and 2 threads
-    .venv/bin/python bench/bench_mllm.py --dtype bfloat16 --threads 2
-    .venv/bin/python bench/bench_mllm.py --device cuda --dtype float16 [--size 7b]
+    .venv-comfyui-0.33.0/bin/python bench/bench_mllm.py                                   # float32 on CPU, 1 and 2 threads
+    .venv-comfyui-0.33.0/bin/python bench/bench_mllm.py --dtype bfloat16 --threads 2
+    .venv-comfyui-0.33.0/bin/python bench/bench_mllm.py --device cuda --dtype float16 [--size 7b]
 """
 from __future__ import annotations
 

@@ -8,9 +8,9 @@ baseline (and 8-bit also against a float16 load, the original's dtype). Models: 
 released layout through load_mllm. Random weights give flat next-token distributions, far less decided than a
 trained model's, so these agreements are a lower bound of what a released checkpoint shows.
 
-    .venv/bin/python bench/bench_quantization.py                 # tiny families + Qwen2-0.5B size, CPU
-    .venv/bin/python bench/bench_quantization.py --no-big        # tiny families only (seconds)
-    .venv/bin/python bench/bench_quantization.py --device cuda   # on a GPU (float16 baseline there)
+    .venv-comfyui-0.33.0/bin/python bench/bench_quantization.py                 # tiny families + Qwen2-0.5B size, CPU
+    .venv-comfyui-0.33.0/bin/python bench/bench_quantization.py --no-big        # tiny families only (seconds)
+    .venv-comfyui-0.33.0/bin/python bench/bench_quantization.py --device cuda   # on a GPU (float16 baseline there)
 """
 from __future__ import annotations
 

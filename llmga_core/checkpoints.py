@@ -295,9 +295,10 @@ def vae_ddconfig(cfg: dict) -> tuple[dict, int]:
 
 
 def clip_text_config(cfg: dict, *, projected: bool = False) -> dict:
-    """The CLIP text-model sizes the host merges into its own config (clip_l/clip_g_model_config).
+    """The sizes of a CLIP text model config (the keys ComfyUI reads from its own CLIP configs), checked to
+    be a Stable Diffusion text encoder; raises SDFolderError otherwise.
 
-    The host builds vocabulary and positions from its bundled tokenizer (49408 tokens, 77 positions),
+    ComfyUI builds vocabulary and positions from its bundled tokenizer (49408 tokens, 77 positions),
     uses the penultimate layer for SDXL, and a square text projection for CLIP-G (`projected`).
     """
     sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

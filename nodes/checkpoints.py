@@ -6,35 +6,24 @@ and .bin weights read safely), and the weights go through the host's own loading
 UNETLoader, CLIPLoader and VAELoader use: comfy.sd.load_diffusion_model_state_dict,
 comfy.sd.load_text_encoder_state_dicts and comfy.sd.VAE. So the host's model detection, ModelPatcher and
 dtype choice apply (flags such as --fp32-text-enc too); 9-channel UNets become inpainting models that take
-InpaintModelConditioning's mask and masked image.
-
-The host recognises only the released sizes (its UNet detection table, its fixed CLIP-L/CLIP-G and VAE
-configs). For other sizes, which only the tests' tiny models have, one adapter below builds the same host
-classes from the folder's config.json files, and the log says which path each part took.
+InpaintModelConditioning's mask and masked image. Sizes the host does not know are refused in one sentence.
 """
 from __future__ import annotations
 
 import logging
-import os
+import re
+from contextlib import contextmanager
 
 import torch
 
-import comfy.diffusers_convert
-import comfy.model_detection
-import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sd
-import comfy.sd1_clip
-import comfy.sdxl_clip
-import comfy.supported_models
-import comfy.supported_models_base
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..llmga_core.checkpoints import (SDFolder, SDFolderError, clip_keys_with_text_model_prefix, clip_text_config,
-                                      inspect_sd_folder, load_state_dict, vae_ddconfig)
-from ..llmga_core.weights import read_json
+from ..llmga_core.checkpoints import (SDFolder, SDFolderError, clip_keys_with_text_model_prefix, inspect_sd_folder,
+                                      load_state_dict)
 from .paths import SD_FOLDER, list_model_dirs, resolve_model_path
 
 log = logging.getLogger("llmga")
@@ -42,50 +31,72 @@ log = logging.getLogger("llmga")
 # The text projection of a CLIP-L saved as CLIPTextModel is absent (SD1.5's pooled output is the
 # unprojected one, SDXL's comes from CLIP-G); the host checkpoint loader ignores it the same way.
 _OPTIONAL_CLIP_L_KEYS = {"text_projection.weight"}
-# What comfy.sd.VAE builds from a state dict alone (comfy/sd.py, VAE.__init__): the SD/SDXL AutoencoderKL.
-_HOST_VAE_SIZES = {"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2}
-# The host's own CLIP text configs (comfy/sd1_clip_config.json, comfy/clip_config_bigg.json), by encoder.
-_HOST_CLIP_CONFIGS = {"l": "sd1_clip_config.json", "g": "clip_config_bigg.json"}
+# Names in the host's UNet map (comfy/utils.py, unet_to_diffusers) that a UNet of the config may lack: shortcut
+# convs exist only where the width changes, no level samples after the last, and only SDXL has an added embedding.
+_MAY_BE_ABSENT = re.compile(r"conv_shortcut|samplers|class_embedding|add_embedding")
+
+
+def _examples(keys) -> str:
+    keys = list(keys)
+    return (", ".join(keys[:3]) + (", …" if len(keys) > 3 else "")) or "-"
+
+
+def _refuse_misfit(where, missing, unexpected) -> None:
+    if missing or unexpected:
+        missing, unexpected = sorted(missing), sorted(unexpected)
+        raise SDFolderError(f"{where}: the weights do not fit its config.json ({len(missing)} missing, e.g. "
+                            f"{_examples(missing)}; {len(unexpected)} unexpected, e.g. {_examples(unexpected)}); "
+                            f"download that folder again.")
 
 
 def _check_weights_fit(where, expected, given, optional=frozenset()) -> None:
     """Raises SDFolderError unless the weight names `given` are exactly the `expected` ones."""
-    missing = sorted(set(expected) - set(given) - set(optional))
-    unexpected = sorted(set(given) - set(expected))
-    if missing or unexpected:
-        def examples(keys):
-            return (", ".join(keys[:3]) + (", …" if len(keys) > 3 else "")) or "-"
+    _refuse_misfit(where, set(expected) - set(given) - set(optional), set(given) - set(expected))
 
-        raise SDFolderError(f"{where}: the weights do not fit its config.json ({len(missing)} missing, e.g. "
-                            f"{examples(missing)}; {len(unexpected)} unexpected, e.g. {examples(unexpected)}); "
-                            f"download that folder again.")
+
+@contextmanager
+def _host_builds(where):
+    """A host loader's refusal of weights it cannot build as one sentence naming the folder: torch's multi-line
+    size-mismatch dump, or a ValueError from the constructor of the model it chose."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as error:
+        wrong = re.findall(r"size mismatch for ([^:\s]+):", str(error))
+        if wrong:
+            raise SDFolderError(f"{where}: the weights do not fit the model ComfyUI builds for them ({len(wrong)} "
+                                f"with other sizes, e.g. {_examples(wrong)}); use that folder as released with the "
+                                f"LLMGA checkpoint.") from None
+        if type(error) is not ValueError:  # out of memory, device errors: not the folder's fault
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SDFolderError(f"{where}: ComfyUI could not build a model from these weights ({reason}); use that "
+                            f"folder as released with the LLMGA checkpoint.") from error
 
 
 def load_unet(info: SDFolder, *, dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
     """The folder's UNet as the host's SD15/SDXL model (inpainting when it has 9 input channels)."""
+    where = info.path / "unet"
     state = load_state_dict(info.unet_files)
-    host_config = comfy.model_detection.model_config_from_diffusers_unet(state)
-    # LDM names by the host's own map (names it does not map stay, to be reported); the host pops `state`
-    key_map = comfy.utils.unet_to_diffusers(info.ldm_config if host_config is None else host_config.unet_config)
-    given = [key_map.get(key, key) for key in state]
-    if host_config is None:
-        model = _unet_from_config(info, state, key_map, dtype)
-    else:
-        model = comfy.sd.load_diffusion_model_state_dict(state, model_options={} if dtype is None else {"dtype": dtype})
-    _check_weights_fit(info.path / "unet", model.model.diffusion_model.state_dict(), given)
+    # In the LDM names of single-file checkpoints, which the host's detection reads the architecture from
+    # (comfy/model_detection.py, detect_unet_config, then its model table); with diffusers names it would
+    # only compare against a fixed list of sizes. The map is the host's own, for the sizes config.json gives.
+    key_map = comfy.utils.unet_to_diffusers(info.ldm_config)
+    # Before the host sees them: names the map does not know, and the blocks of config.json without weights (the
+    # host would read another architecture from what is there). The rest is checked on the model it builds.
+    _refuse_misfit(where, {key_map[key] for key in key_map if key not in state and not _MAY_BE_ABSENT.search(key)},
+                   {key for key in state if key not in key_map})
+    ldm = {key_map[key]: tensor for key, tensor in state.items()}
+    given = list(ldm)
+    with _host_builds(where):
+        model = comfy.sd.load_diffusion_model_state_dict(ldm, model_options={} if dtype is None else {"dtype": dtype})
+    if model is None:
+        config = info.ldm_config
+        raise SDFolderError(f"{where}: this ComfyUI has no model class for a UNet of these sizes "
+                            f"({config['model_channels']} base channels, {config['context_dim']}-wide text context, "
+                            f"{config['in_channels']} input channels), so it cannot load it; use a released LLMGA "
+                            f"SD1.5 or SDXL folder, whose sizes ComfyUI knows.")
+    _check_weights_fit(where, model.model.diffusion_model.state_dict(), given)
     return model
-
-
-def _host_knows_clip(info: SDFolder) -> bool:
-    """True when every text encoder has the sizes of the host's own CLIP-L / CLIP-G config."""
-    for key, config in (("l", info.text_encoder_config), ("g", info.text_encoder_2_config)):
-        if config is not None:
-            host = comfy.sd1_clip if key == "l" else comfy.sdxl_clip
-            host_sizes = clip_text_config(read_json(os.path.join(os.path.dirname(host.__file__),
-                                                                 _HOST_CLIP_CONFIGS[key])))
-            if clip_text_config(config, projected=key == "g") != host_sizes:
-                return False
-    return True
 
 
 def load_clip(info: SDFolder, *, dtype: torch.dtype | None = None) -> comfy.sd.CLIP | None:
@@ -95,14 +106,12 @@ def load_clip(info: SDFolder, *, dtype: torch.dtype | None = None) -> comfy.sd.C
     states = {"l": clip_keys_with_text_model_prefix(load_state_dict(info.text_encoder_files))}
     if info.pipeline == "sdxl":
         states["g"] = clip_keys_with_text_model_prefix(load_state_dict(info.text_encoder_2_files))
-    options = {} if dtype is None else {"dtype": dtype}
-    if _host_knows_clip(info):
-        clip = comfy.sd.load_text_encoder_state_dicts(
-            list(states.values()), embedding_directory=folder_paths.get_folder_paths("embeddings"),
-            clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION, model_options=options)
-    else:
-        clip = _clip_from_config(info, states, options)
     where = {"l": info.path / "text_encoder", "g": info.path / "text_encoder_2"}
+    with _host_builds(" and ".join(str(where[key]) for key in states)):
+        # the host fills in and reads the dicts it is given (comfy/sd.py), so it gets copies of the mappings
+        clip = comfy.sd.load_text_encoder_state_dicts(
+            [dict(state) for state in states.values()], embedding_directory=folder_paths.get_folder_paths("embeddings"),
+            clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION, model_options={} if dtype is None else {"dtype": dtype})
     for key, state in states.items():
         encoder = getattr(clip.cond_stage_model, f"clip_{key}")
         _check_weights_fit(where[key], encoder.transformer.state_dict(), state,
@@ -119,15 +128,20 @@ def load_vae(info: SDFolder, *, dtype: torch.dtype | None = None) -> comfy.sd.VA
     """The folder's VAE as the host's AutoencoderKL (None when the folder has none)."""
     if not info.has_vae:
         return None
-    ddconfig, embed_dim = vae_ddconfig(info.vae_config)
+    where = info.path / "vae"
+    # diffusers names, as released: the host converts them itself (comfy/sd.py, VAE.__init__)
     state = load_state_dict(info.vae_files)
-    if "decoder.up_blocks.0.resnets.0.norm1.weight" in state:  # diffusers names, as released
-        state = comfy.diffusers_convert.convert_vae_state_dict(state)
-    host_knows = all(ddconfig[key] == value for key, value in _HOST_VAE_SIZES.items())
-    # the adapter for other sizes is the config the host accepts beside the state dict
-    config = None if host_knows else {"params": {"ddconfig": ddconfig, "embed_dim": embed_dim}}
-    vae = comfy.sd.VAE(sd=state, config=config, dtype=dtype)
-    _check_weights_fit(info.path / "vae", vae.first_stage_model.state_dict(), state)
+    count = len(state)
+    with _host_builds(where):
+        vae = comfy.sd.VAE(sd=state, dtype=dtype)
+    if vae.first_stage_model is None:  # the host logs "No VAE weights detected" and builds nothing
+        raise SDFolderError(f"{where}: ComfyUI found no VAE in these weights; use that folder as released with the "
+                            f"LLMGA checkpoint.")
+    # the host renames the tensors one for one, so a VAE that fits has as many as the file
+    expected = len(vae.first_stage_model.state_dict())
+    if count != expected:
+        raise SDFolderError(f"{where}: the weights do not fit the VAE ComfyUI builds for them ({count} tensors in "
+                            f"the file, {expected} in the model); download that folder again.")
     return vae
 
 
@@ -143,51 +157,6 @@ def load_sd_folder(folder, *, unet_dtype=None, clip_dtype=None, vae_dtype=None):
     log.info("LLMGA checkpoint %s: %s UNet%s", info.path, info.kind, "" if clip and vae else
              " (no CLIP or VAE in the folder)")
     return model, clip, vae
-
-
-# ------------------------------------------------------------- adapter: sizes the host's loaders do not know
-
-def _unet_from_config(info: SDFolder, state: dict, key_map: dict, dtype) -> comfy.model_patcher.ModelPatcher:
-    """What load_diffusion_model_state_dict does, with the model class chosen from unet/config.json."""
-    log.info("%s: a UNet size the host's detection does not know; built from its config.json", info.path / "unet")
-    ldm = dict(info.ldm_config)
-    model_config = (comfy.supported_models.SDXL if info.pipeline == "sdxl" else comfy.supported_models.SD15)(ldm)
-    # the class constructors force SD1.5's 8 heads / SDXL's 64-wide heads; the folder says what it has
-    model_config.unet_config["num_heads"] = ldm["num_heads"]
-    model_config.unet_config["num_head_channels"] = ldm["num_head_channels"]
-    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    if dtype is None:
-        dtype = mm.unet_dtype(model_params=comfy.utils.calculate_parameters(state),
-                              supported_dtypes=list(model_config.supported_inference_dtypes),
-                              weight_dtype=comfy.utils.weight_dtype(state))
-    model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
-                                                                model_config.supported_inference_dtypes))
-    model = model_config.get_model({}, "").to(offload_device)
-    mapped = {key_map[k]: v for k, v in state.items() if k in key_map}
-    own = model.diffusion_model.state_dict()
-    wrong = sorted(k for k, v in mapped.items() if k in own and own[k].shape != v.shape)
-    if wrong:  # torch would raise its multi-line size-mismatch dump
-        raise SDFolderError(f"{info.path / 'unet'}: the weights do not fit its config.json ({len(wrong)} with "
-                            f"other sizes, e.g. {', '.join(wrong[:3])}); download that folder again.")
-    model.diffusion_model.load_state_dict(mapped, strict=False)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-
-
-def _clip_from_config(info: SDFolder, states: dict, options: dict) -> comfy.sd.CLIP:
-    """The host's SD1/SDXL CLIP with the folder's sizes merged into its configs (clip_l/clip_g_model_config)."""
-    log.info("%s: text encoder sizes the host's CLIP loader does not know; built from their config.json", info.path)
-    options = dict(options, clip_l_model_config=clip_text_config(info.text_encoder_config))
-    if info.pipeline == "sdxl":
-        options["clip_g_model_config"] = clip_text_config(info.text_encoder_2_config, projected=True)
-        target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
-    else:
-        target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    clip = comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
-                         parameters=sum(comfy.utils.calculate_parameters(s) for s in states.values()),
-                         model_options=options)
-    for key, state in states.items():
-        getattr(clip.cond_stage_model, f"clip_{key}").load_sd(state)
-    return clip
 
 
 class LLMGACheckpointLoader(io.ComfyNode):

@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 
 import comfy.model_management as model_management
-import comfy.utils
-import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
 from ..llmga_core.diffrir import MIN_TILE_SIZE, load_diffrir, plan_restore, restore
-from .paths import DIFFRIR_FOLDER, register_model_folders, resolve_model_path
+from .paths import DIFFRIR_FOLDER, list_model_files, register_model_folders, resolve_model_path
+from .progress import step_reporter
 
 register_model_folders()  # idempotent; lets the combo list models/diffrir even if imported alone
 
@@ -35,7 +34,7 @@ class DiffRIRLoader(io.ComfyNode):
             category="LLMGA/restoration",
             description="Loads released DiffRIR weights (x1, x2 or x4; .pth or .safetensors) from models/diffrir.",
             inputs=[
-                io.Combo.Input("model_name", options=folder_paths.get_filename_list(DIFFRIR_FOLDER),
+                io.Combo.Input("model_name", options=list_model_files(DIFFRIR_FOLDER),
                                tooltip="DiffRIR weights under models/diffrir; the scale is read from the file."),
             ],
             outputs=[DiffRIRModel.Output(display_name="diffrir_model")],
@@ -95,7 +94,7 @@ class DiffRIRRestore(io.ComfyNode):
         if plan.needs_network:  # with only empty masks the network is not moved at all
             model_management.free_memory(plan.memory_bytes, device)
             net.to(device)
-        pbar = comfy.utils.ProgressBar(batch)
+        report = step_reporter(batch)
 
         def retry(tile: int) -> None:
             log.warning("DiffRIR ran out of memory; retrying with %d-pixel tiles.", tile)
@@ -103,7 +102,7 @@ class DiffRIRRestore(io.ComfyNode):
 
         try:
             restored = restore(net, generated, original, mask, seed=seed, tile_size=tile_size,
-                               progress=lambda done, total: pbar.update_absolute(done, total),
+                               progress=report,  # after every tile: Cancel is checked there
                                out_of_memory=(model_management.OOM_EXCEPTION,), on_retry=retry)
         finally:
             if plan.needs_network:

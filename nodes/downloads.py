@@ -2,21 +2,21 @@
 
 Opt-in: nothing is fetched until this node runs (its list of releases is fixed, so /object_info and the
 loaders' lists never touch the network). The work is llmga_core.downloads; this node picks the host's model
-folders, shows the bytes on its ProgressBar and lets the host's interrupt stop the transfer (ProgressBar
-updates raise it), after which the next run resumes where it stopped.
+folders, shows the bytes on its ProgressBar and lets the host's interrupt stop the transfer (checked at every
+chunk, nodes/progress.py), after which the next run resumes where it stopped.
 """
 from __future__ import annotations
 
 import logging
 import os
 
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
 from ..llmga_core.downloads import (KIND_FOLDERS, RELEASES, VISION_TOWER, is_complete, needs_vision_tower,
                                     plan_download, run_downloads, target_folder)
 from .paths import register_model_folders
+from .progress import step_reporter
 
 register_model_folders()  # idempotent; the LLM and diffrir kinds exist before their roots are asked for
 
@@ -95,8 +95,8 @@ class LLMGADownloadModel(io.ComfyNode):
             plans.append(plan_download(RELEASES[VISION_TOWER], kind_root("vision_tower")))
         total = sum(plan.total_bytes for plan in plans)
         complete_before = [plan.complete for plan in plans]
-        bar = comfy.utils.ProgressBar(max(total, 1))
-        run_downloads(plans, lambda done, all_bytes, file: bar.update_absolute(done, max(all_bytes, 1)))
+        report = step_reporter(total)
+        run_downloads(plans, lambda done, all_bytes, file: report(done, all_bytes))
         lines = []
         for plan, was_complete in zip(plans, complete_before):
             state = "already complete" if was_complete else f"{plan.total_bytes / 1e6:.1f} MB from {plan.repo_url}"

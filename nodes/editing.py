@@ -17,12 +17,12 @@ import torch
 import comfy.latent_formats
 import comfy.model_management as model_management
 import comfy.model_sampling
-import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..llmga_core import editing
 from ..llmga_core.long_prompt import PromptTruncatedWarning, encode_with_backend, plain_chunk_ids, recipe_for
 from .long_prompt import clip_family, host_chunk_encoder, host_tokenizer_specs
+from .progress import step_reporter
 
 log = logging.getLogger("llmga")
 
@@ -246,7 +246,7 @@ class LLMGAEdit(io.ComfyNode):
             mask_latents = editing.posterior_sample(moments, noise.posterior) * editing.LATENT_SCALE
 
         planned = editing.unet_calls(len(steps_list), mask=latent_mask is None, embeds=embeds)
-        bar = comfy.utils.ProgressBar(sum(planned.values()))
+        report = step_reporter(sum(planned.values()))
         batch = editing.largest_unet_batch(mask=latent_mask is None, embeds=embeds)
         memory = model.model.memory_required([batch, *x0.shape[1:]])
         model_management.load_models_gpu([model], memory_required=memory)
@@ -257,7 +257,7 @@ class LLMGAEdit(io.ComfyNode):
             mask_latents=None if mask_latents is None else mask_latents.to(model.load_device),
             mask=latent_mask, steps=steps, skip=skip, source_guidance=source_guidance,
             target_guidance=target_guidance, threshold_ratio=mask_threshold_ratio,
-            progress=lambda done, total: bar.update_absolute(done, total))
+            progress=report)  # after every UNet call: Cancel is checked there
 
         size = editing.IMAGE_SIZE
         edit_mask = editing.mask_to_image(result.mask.cpu(), size, size)[None]

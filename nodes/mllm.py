@@ -2,7 +2,7 @@
 
 The model math lives in llmga_core.mllm; these nodes convert ComfyUI values, put the model under the
 host's memory management (so SD can push it off the GPU and the host's free actions release it) and
-report progress per token, which is also where a user interrupt is honoured.
+report progress per token, where a user's Cancel is checked too (nodes/progress.py).
 """
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ import time
 import torch
 
 import comfy.model_management as mm
-import comfy.model_patcher
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
@@ -24,7 +22,9 @@ from ..llmga_core.mllm.loader import (VisionTowerNotFoundError, find_vision_towe
 from ..llmga_core.mllm.answers import AnswerMemo, answer_id, apply_edit
 from ..llmga_core.mllm.quantization import bitsandbytes_installed, check_available, install_command
 from ..llmga_core.mllm.streaming import RunningAnswer
+from .memory import model_patcher
 from .paths import MLLM_FOLDER, list_model_dirs, resolve_model_path
+from .progress import step_reporter
 
 log = logging.getLogger("llmga")
 
@@ -32,6 +32,12 @@ DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "f
 # the quantised choices of the same combo (the rest of the model in the auto dtype), so saved workflows keep
 # their widget values; bitsandbytes is optional, so they are always listed and refused with how to install it
 QUANTIZED = ("8bit", "4bit")
+
+# ComfyUI 0.33 lists in /history and re-sends to the browser only the UI of nodes that ran in that prompt, unless
+# the schema sets has_intermediate_output (comfy_api/latest/_io.py; execution.py sends cached UIs of such nodes);
+# 0.3.64 has no such field and lists cached nodes' UI itself. So a cached Prompt Generator keeps its text on both.
+KEEP_UI_WHEN_CACHED = ({"has_intermediate_output": True}
+                       if "has_intermediate_output" in getattr(io.Schema, "__dataclass_fields__", {}) else {})
 
 MLLMType = io.Custom("LLMGA_MLLM")
 ConversationType = io.Custom("LLMGA_CONVERSATION")
@@ -135,8 +141,8 @@ class LLMGAMLLMLoader(io.ComfyNode):
             check_available(quantization, load_device, llm_dtype)
         mllm = load_mllm(folder, vision_tower=tower, device=offload_device, dtype=llm_dtype,
                          quantization=quantization)
-        patcher = comfy.model_patcher.ModelPatcher(mllm.model, load_device=load_device,
-                                                   offload_device=offload_device, size=mllm.size_bytes())
+        # plain torch layers: a plain ModelPatcher even with dynamic VRAM on, so SD can push it off (memory.py)
+        patcher = model_patcher(mllm.model, load_device, offload_device, size=mllm.size_bytes())
         return io.NodeOutput(LoadedMLLM(mllm, patcher))
 
 
@@ -219,6 +225,7 @@ class LLMGAPromptGenerator(io.ComfyNode):
                                         "instruction, image, model …) the edit is dropped. Empty: any answer."),
             ],
             hidden=[io.Hidden.unique_id],
+            **KEEP_UI_WHEN_CACHED,
             outputs=[
                 io.String.Output(display_name="prompt",
                                  tooltip="The caption from <gen_image>…</gen_image> (editing: the target caption); "
@@ -253,12 +260,12 @@ class LLMGAPromptGenerator(io.ComfyNode):
         if reply is None:
             mm.load_models_gpu([mllm.patcher], memory_required=plan.working_bytes, force_full_load=True)
             total = plan.progress_steps
-            progress = comfy.utils.ProgressBar(total)
+            report = step_reporter(total)
             node_id = cls.hidden.unique_id if cls.hidden is not None else None  # None when called directly
             partial = PartialText(node_id, RunningAnswer(mllm.mllm, max_new_tokens))
 
             def on_token(step, token_id):
-                progress.update_absolute(step, total)  # also raises when the user interrupts
+                report(step, total)  # raises when the user cancelled: the next token is not computed
                 partial.add(token_id)
 
             reply = mllm.mllm.generate(instruction, task=task, image=pil_like, mask=mask_2d,

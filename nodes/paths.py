@@ -2,7 +2,7 @@
 
 Kinds registered here (so extra_model_paths.yaml can add more roots):
   LLM       models/LLM/<name>/        LLMGA MLLM folders (config.json inside)
-  diffrir   models/diffrir/<file>     DiffRIR weights (.pth, .safetensors)
+  diffrir   models/diffrir/<file>     DiffRIR weights (.pth, .pt, .safetensors)
 The host already knows `diffusers` (models/diffusers/<name>/) and `clip_vision`.
 """
 from __future__ import annotations
@@ -15,20 +15,27 @@ MLLM_FOLDER = "LLM"
 DIFFRIR_FOLDER = "diffrir"
 SD_FOLDER = "diffusers"
 
+# The weight files each file kind lists and loads. The host has no call that declares a kind's extensions
+# (add_model_folder_path gives a new kind none, which lists every file), so the pack filters its own lists.
+MODEL_EXTENSIONS = {DIFFRIR_FOLDER: (".pth", ".pt", ".safetensors")}
+
 _registered = False
 
 
 def register_model_folders() -> None:
-    """Adds the pack's model kinds once; keeps any paths extra_model_paths.yaml added."""
+    """Adds the pack's model kinds once, after any roots extra_model_paths.yaml added (the host applies it
+    before it imports custom nodes, and add_model_folder_path keeps them)."""
     global _registered
     if _registered:
         return
-    for kind, exts in ((MLLM_FOLDER, set()), (DIFFRIR_FOLDER, {".pth", ".pt", ".safetensors"})):
-        # after any roots extra_model_paths.yaml added; the host has no call for extensions, so they are added
-        # to the set it keeps for the kind (an empty set lists every file)
+    for kind in (MLLM_FOLDER, DIFFRIR_FOLDER):
         folder_paths.add_model_folder_path(kind, os.path.join(folder_paths.models_dir, kind))
-        folder_paths.folder_names_and_paths[kind][1].update(exts)
     _registered = True
+
+
+def list_model_files(kind: str) -> list[str]:
+    """The host's list of files of `kind` (every root, subfolders, cached), only the kind's weight files."""
+    return folder_paths.filter_files_extensions(folder_paths.get_filename_list(kind), MODEL_EXTENSIONS[kind])
 
 
 def list_model_dirs(kind: str, marker: str, skip=None) -> list[str]:
@@ -66,6 +73,10 @@ def resolve_model_path(kind: str, name: str, *, want_dir: bool) -> str:
                 return candidate
     else:  # the host's own lookup, as its loaders use it; get_full_path_or_raise's text would not say where
         found = folder_paths.get_full_path(kind, name)
+        extensions = MODEL_EXTENSIONS.get(kind)
+        if found is not None and extensions and os.path.splitext(name)[1].lower() not in extensions:
+            raise ValueError(f"{name!r} is not a {kind} weight file ({', '.join(extensions)}); choose one of "
+                             f"the files the node lists.")
         if found is not None:
             return found
     where = ", ".join(roots) or f"models/{kind}"

@@ -6,6 +6,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `import llmga_core` from the checkout
 
+# Modules whose every test needs the real ComfyUI (in-process or a server). In other modules a test needs it when
+# it uses the in-process fixtures below or carries @pytest.mark.host itself (a server it starts, the run command).
+HOST_MODULES = {"test_host_server", "test_fault_matrix", "test_frontend", "test_memory", "test_long_prompt_host",
+                "test_editing_node", "test_checkpoints_full_size", "test_mllm_nodes"}
+HOST_FIXTURES = {"comfy_inprocess", "llmga_pack"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "host: needs the real ComfyUI (in-process or a server); the host-free "
+                                       "library runs deselect these with -m 'not host'")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in HOST_MODULES or HOST_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.host)
+
 
 @pytest.fixture(scope="session")
 def comfy_inprocess():

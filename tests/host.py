@@ -1,8 +1,9 @@
 """The real ComfyUI host for tests: in-process import and a real server on 127.0.0.1.
 
-The host lives outside the project (LLMGA_COMFYUI_DIR, default ~/.cache/llmga-comfyui/ComfyUI-0.3.64; .ci/run
-unpacks it from ../shared/host). Tests never skip when it is missing: they fail and say how
-to set it up.
+The host lives outside the project (LLMGA_COMFYUI_DIR, default ~/.cache/llmga-comfyui/ComfyUI-<LLMGA_HOST_VERSION>,
+0.33.0 unless set; .ci/setup_env.sh unpacks it from ../shared/host). Tests never skip when it is missing: they fail
+and say how to set it up. In the host-free library runs (LLMGA_LIBRARY_ONLY=1, `-m "not host"`) a test that reaches
+for the host fails at once: it lacks the `host` mark.
 """
 from __future__ import annotations
 
@@ -23,17 +24,37 @@ REPO = Path(__file__).resolve().parents[1]
 PACK_MODULE = "llmga_pack_under_test"
 
 
+HOST_VERSIONS = ("0.33.0", "0.3.64")  # ../shared/host; the first is the default
+
+
+def host_version() -> str:
+    return os.environ.get("LLMGA_HOST_VERSION") or HOST_VERSIONS[0]
+
+
 def comfyui_dir() -> Path:
+    """The unpacked ComfyUI (its source files; the CLIP tokenizer files of host-free tests come from here too)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    path = Path(os.environ.get("LLMGA_COMFYUI_DIR") or cache / "llmga-comfyui" / "ComfyUI-0.3.64")
+    path = Path(os.environ.get("LLMGA_COMFYUI_DIR") or cache / "llmga-comfyui" / f"ComfyUI-{host_version()}")
     if not (path / "main.py").is_file():
-        raise RuntimeError(f"ComfyUI host not found at {path}; run `bash .ci/setup_env.sh` "
-                           f"(or set LLMGA_COMFYUI_DIR to an unpacked ComfyUI 0.3.64).")
+        raise RuntimeError(f"ComfyUI host not found at {path}; run `LLMGA_HOST_VERSION={host_version()} bash "
+                           f".ci/setup_env.sh` (or set LLMGA_COMFYUI_DIR to an unpacked ComfyUI).")
     return path
+
+
+def comfyui_version() -> tuple[int, ...]:
+    """The version of the host under test, from its comfyui_version.py."""
+    text = (comfyui_dir() / "comfyui_version.py").read_text()
+    return tuple(int(part) for part in text.split('"')[1].split("."))
+
+
+def require_host() -> None:
+    if os.environ.get("LLMGA_LIBRARY_ONLY"):
+        raise RuntimeError("this test needs the real ComfyUI but has no `host` mark (tests/conftest.py)")
 
 
 def import_host_inprocess():
     """Imports the host's modules in this process on the CPU (args.cpu set first)."""
+    require_host()
     host = str(comfyui_dir())
     if host not in sys.path:
         sys.path.insert(0, host)
@@ -49,6 +70,7 @@ def import_host_inprocess():
 def import_pack_inprocess():
     """Imports this checkout as a package the way the host does (by path, relative imports)."""
     import_host_inprocess()
+    install_test_plugins()
     if PACK_MODULE in sys.modules:
         return sys.modules[PACK_MODULE]
     spec = importlib.util.spec_from_file_location(
@@ -58,6 +80,21 @@ def import_pack_inprocess():
     spec.loader.exec_module(module)
     importlib.import_module(PACK_MODULE + ".nodes")  # what the host's comfy_entrypoint() call imports
     return module
+
+
+TEST_PLUGINS = REPO / "tests" / "host_plugins"  # test-only host packages: the tiny model sizes (see there)
+
+
+def install_test_plugins(custom_nodes: Path | None = None) -> None:
+    """Links tests/host_plugins/* into a server's custom_nodes/ beside the pack, or with None imports them into
+    this process by path as the host imports a custom node package."""
+    for plugin in sorted(p for p in TEST_PLUGINS.iterdir() if (p / "__init__.py").is_file()):
+        if custom_nodes is not None and not (Path(custom_nodes) / plugin.name).exists():
+            (Path(custom_nodes) / plugin.name).symlink_to(plugin, target_is_directory=True)
+        elif custom_nodes is None and plugin.name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(plugin.name, plugin / "__init__.py")
+            sys.modules[plugin.name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules[plugin.name])
 
 
 def free_port() -> int:
@@ -79,12 +116,14 @@ class ComfyServer:
         link = self.base / "custom_nodes" / "comfyui-llmga"
         if not link.exists():
             link.symlink_to(REPO, target_is_directory=True)
+        install_test_plugins(self.base / "custom_nodes")
         self.log_path = self.base / "server.log"
         self.extra_args = list(extra_args)
         self.env = None if env is None else {**os.environ, **env}
         self.proc = None
 
     def start(self, timeout=180):
+        require_host()
         cmd = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port",
                str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch",
@@ -226,6 +265,7 @@ def models_base(base: Path) -> Path:
     """A ComfyUI base directory with this pack linked into custom_nodes/ (as ComfyServer does) and whose
     models/<kind>/<name> entries link to tiny_models(), so a test can add, damage or remove models of its own
     there without touching other servers' models."""
+    require_host()
     base = Path(base)
     shared = tiny_models()
     for kind in ("LLM", "clip_vision", "diffusers", "diffrir", "vae"):
@@ -238,6 +278,7 @@ def models_base(base: Path) -> Path:
     pack.parent.mkdir(parents=True, exist_ok=True)
     if not pack.exists():
         pack.symlink_to(REPO, target_is_directory=True)
+    install_test_plugins(pack.parent)
     return base
 
 

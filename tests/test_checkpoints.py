@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -40,6 +40,14 @@ def folders(tmp_path_factory):
 def ckpt(llmga_pack):
     """nodes/checkpoints.py imported inside the pack, as the host imports it."""
     return importlib.import_module(f"{llmga_pack.__name__}.nodes.checkpoints")
+
+
+@pytest.fixture(scope="module")
+def tiny_sizes(llmga_pack):
+    """The test host plugin that registers the tiny sizes (imported beside the pack by tests/host.py)."""
+    import sys
+
+    return sys.modules["llmga_tiny_models"]
 
 
 @pytest.fixture(scope="module")
@@ -412,18 +420,97 @@ def test_weights_that_do_not_fit_the_config(folders, tmp_path):
                            f"the config says 32 channels from 4 inputs); download it again.")
 
 
-def test_tiny_sizes_take_the_adapter_and_say_so(folders, ckpt, caplog):
-    """The host's loaders know only the released sizes; the tiny folders are built from config.json."""
-    with caplog.at_level(logging.INFO, logger="llmga"):
-        ckpt.load_sd_folder(folders["sdxl"])
-    folder = folders["sdxl"]
-    assert f"{folder / 'unet'}: a UNet size the host's detection does not know; built from its config.json" \
-        in caplog.messages
-    assert (f"{folder}: text encoder sizes the host's CLIP loader does not know; built from their config.json"
-            in caplog.messages)
+def test_tiny_folders_load_through_the_host_loaders_with_the_test_sizes_registered(folders, ckpt, tiny_sizes,
+                                                                                  monkeypatch):
+    """The node code has no path of its own for sizes: the tiny folders reach the host's three loaders, and its
+    detection picks the model classes the test plugin registered (tests/host_plugins/llmga_tiny_models)."""
+    import comfy.sd
+
+    calls = []
+    for name in ("load_diffusion_model_state_dict", "load_text_encoder_state_dicts", "VAE"):
+        def record(*args, _real=getattr(comfy.sd, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(comfy.sd, name, record)
+    for kind in ("sd15", "sdxl-inpaint"):
+        model, _, _ = ckpt.load_sd_folder(folders[kind])
+        assert type(model.model.model_config) in tiny_sizes.MODEL_CLASSES
+    assert calls == ["load_diffusion_model_state_dict", "load_text_encoder_state_dicts", "VAE"] * 2
 
 
-def test_weights_that_do_not_fit_are_refused_after_loading(folders, tmp_path, ckpt):
+def test_a_unet_the_host_does_not_know_is_refused_in_one_sentence(folders, ckpt, tiny_sizes):
+    folder = folders["sd15-inpaint"]
+    with tiny_sizes.without_tiny_sizes(), pytest.raises(ValueError) as e:
+        ckpt.load_unet(inspect_sd_folder(folder))
+    assert _message(e) == (f"{folder / 'unet'}: this ComfyUI has no model class for a UNet of these sizes (32 base "
+                           f"channels, 32-wide text context, 9 input channels), so it cannot load it; use a released "
+                           f"LLMGA SD1.5 or SDXL folder, whose sizes ComfyUI knows.")
+
+
+def test_text_encoder_and_vae_the_host_builds_otherwise_are_refused_in_one_sentence(folders, ckpt, tiny_sizes):
+    """The bare host builds its 768-wide CLIP-L and 128-channel VAE for these weights; torch's size-mismatch dump
+    becomes one sentence naming the folder."""
+    folder = folders["sd15"]
+    info = inspect_sd_folder(folder)
+    clip_tensors = len(load_file(folder / "text_encoder/model.safetensors"))
+    with tiny_sizes.without_tiny_sizes():
+        with pytest.raises(ValueError) as clip_error:
+            ckpt.load_clip(info)
+        with pytest.raises(ValueError) as vae_error:
+            ckpt.load_vae(info)
+    # every tensor of a 32-wide encoder has another size than the host's 768-wide one (named in the order of
+    # its modules, comfy/clip_model.py)
+    assert _message(clip_error) == (
+        f"{folder / 'text_encoder'}: the weights do not fit the model ComfyUI builds for them ({clip_tensors} with "
+        f"other sizes, e.g. text_model.embeddings.token_embedding.weight, "
+        f"text_model.embeddings.position_embedding.weight, text_model.encoder.layers.0.layer_norm1.weight, …); "
+        f"use that folder as released with the LLMGA checkpoint.")
+    # 0.3.64 builds its 128-channel VAE (sizes do not fit); 0.33 takes the decoder's width from decoder.conv_in
+    # (32 / 4 = 8 channels) and its GroupNorm(32) refuses them (comfy/sd.py, VAE.__init__)
+    assert re.fullmatch(re.escape(f"{folder / 'vae'}: ") +
+                        r"(the weights do not fit the model ComfyUI builds for them \(\d+ with other sizes, e\.g\. "
+                        r"encoder\.conv_in\.weight, .+, …\)|ComfyUI could not build a model from these weights "
+                        r"\(num_channels \(16\) must be divisible by num_groups \(32\)\)); use that folder as "
+                        r"released with the LLMGA checkpoint\.", _message(vae_error)), _message(vae_error)
+
+
+def test_unet_weight_of_another_size_is_refused_in_one_sentence(folders, tmp_path, ckpt):
+    from safetensors.torch import save_file
+
+    folder = _copy(folders["sd15"], tmp_path)
+    path = folder / "unet/diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    state["conv_out.weight"] = state["conv_out.weight"][:, :, :1, :1].contiguous()  # 1×1 instead of 3×3
+    save_file(state, path)
+    with pytest.raises(ValueError) as e:
+        ckpt.load_unet(inspect_sd_folder(folder))
+    assert _message(e) == (f"{folder / 'unet'}: the weights do not fit the model ComfyUI builds for them (1 with other "
+                           f"sizes, e.g. out.2.weight); use that folder as released with the LLMGA checkpoint.")
+
+
+def test_vae_weights_that_do_not_fit_are_refused(folders, tmp_path, ckpt):
+    from safetensors.torch import save_file
+
+    folder = _copy(folders["sd15"], tmp_path)
+    path = folder / "vae/diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    del state["decoder.conv_out.bias"]
+    save_file(state, path)
+    with pytest.raises(ValueError) as e:
+        ckpt.load_vae(inspect_sd_folder(folder))
+    assert _message(e) == (f"{folder / 'vae'}: the weights do not fit the VAE ComfyUI builds for them "
+                           f"({len(state)} tensors in the file, {len(state) + 1} in the model); download that folder "
+                           f"again.")
+
+    save_file({"not_a_vae.weight": torch.zeros(2)}, path)  # what a wrong file in vae/ looks like to the host
+    with pytest.raises(ValueError) as e:
+        ckpt.load_vae(inspect_sd_folder(folder))
+    assert _message(e) == (f"{folder / 'vae'}: ComfyUI found no VAE in these weights; use that folder as released "
+                           f"with the LLMGA checkpoint.")
+
+
+def test_weights_that_do_not_fit_are_refused(folders, tmp_path, ckpt):
     from safetensors.torch import save_file
 
     folder = _copy(folders["sd15"], tmp_path)
@@ -436,6 +523,26 @@ def test_weights_that_do_not_fit_are_refused_after_loading(folders, tmp_path, ck
         ckpt.load_sd_folder(folder)
     assert _message(e) == (f"{folder / 'unet'}: the weights do not fit its config.json (1 missing, e.g. out.2.bias; "
                            f"1 unexpected, e.g. extra.weight); download that folder again.")
+
+
+def test_a_config_with_blocks_the_weights_lack_is_refused_before_the_host_reads_them(folders, tmp_path, ckpt,
+                                                                                    monkeypatch):
+    """One res block more per level than the weights have: the host would read a smaller UNet from what is
+    there, so the folder is refused first, with the block names the host's map gives."""
+    import comfy.sd
+
+    folder = _copy(folders["sd15"], tmp_path)
+    config_path = folder / "unet/config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "layers_per_block": config["layers_per_block"] + 1}))
+    monkeypatch.setattr(comfy.sd, "load_diffusion_model_state_dict", lambda *a, **k: pytest.fail("host called"))
+    with pytest.raises(ValueError) as e:
+        ckpt.load_unet(inspect_sd_folder(folder))
+    message = _message(e)
+    head = f"{folder / 'unet'}: the weights do not fit its config.json ("
+    assert message.startswith(head) and message.endswith("; 0 unexpected, e.g. -); download that folder again.")
+    # the third res block of the first level is LDM input block 3 (input block 0 is conv_in)
+    assert " missing, e.g. input_blocks.3.0." in message and int(message[len(head):].split(" ")[0]) > 10
 
 
 def test_sdxl_without_second_text_encoder(folders, tmp_path):
@@ -487,6 +594,36 @@ def test_node_loads_by_name_and_refuses_escapes(ckpt, diffusers_root):
         with pytest.raises(ValueError) as e:
             ckpt.LLMGACheckpointLoader.execute(model_name=name)
         assert "no '..'" in str(e.value)
+
+
+def test_model_kinds_keep_extra_model_paths_roots_and_list_only_weight_files(llmga_pack, comfy_inprocess, tmp_path,
+                                                                            monkeypatch):
+    """nodes/paths.py registers its kinds with add_model_folder_path only: a root extra_model_paths.yaml gave first
+    stays first, and the file kind lists (and loads) its weight files only, which the host cannot be told."""
+    import os
+
+    paths = importlib.import_module(f"{llmga_pack.__name__}.nodes.paths")
+    folder_paths = comfy_inprocess
+    for kind in ("LLM", "diffrir"):  # a host that has not seen the pack yet
+        monkeypatch.delitem(folder_paths.folder_names_and_paths, kind, raising=False)
+    monkeypatch.setattr(paths, "_registered", False)
+    yaml_root = tmp_path / "elsewhere"
+    folder_paths.add_model_folder_path("diffrir", str(yaml_root))  # what main.py does for a `diffrir:` yaml key
+    paths.register_model_folders()
+    assert folder_paths.get_folder_paths("diffrir") == [str(yaml_root),
+                                                        os.path.join(folder_paths.models_dir, "diffrir")]
+    assert folder_paths.get_folder_paths("LLM") == [os.path.join(folder_paths.models_dir, "LLM")]
+
+    for name in ("x1.pth", "sub/x2.safetensors", "x4.PT", "README.md", "x1.pth.part"):
+        (yaml_root / name).parent.mkdir(parents=True, exist_ok=True)
+        (yaml_root / name).write_bytes(b"")
+    assert paths.list_model_files("diffrir") == ["sub/x2.safetensors", "x1.pth", "x4.PT"]
+    assert paths.resolve_model_path("diffrir", "sub/x2.safetensors", want_dir=False) == \
+        str(yaml_root / "sub" / "x2.safetensors")
+    with pytest.raises(ValueError) as e:
+        paths.resolve_model_path("diffrir", "README.md", want_dir=False)
+    assert _message(e) == ("'README.md' is not a diffrir weight file (.pth, .pt, .safetensors); choose one of the "
+                           "files the node lists.")
 
 
 @pytest.mark.parametrize("kind", ["sd15-inpaint", "sdxl-inpaint"])

@@ -6,6 +6,8 @@ references are diffusers' UNet2DConditionModel and AutoencoderKL and transformer
 from the same fp16 files in float32. The folders (random weights) are built once into a cache folder by
 tests/fixtures/full_size_sd.py. The SDXL UNet is 10.3 GB in float32, so its reference is built only after
 the host's copy is gone, and that test runs before the SD1.5 models are loaded (peak RSS 16 GB).
+The test host plugin that teaches the host the tiny sizes (tests/host_plugins/llmga_tiny_models) is loaded in
+this process too; it leaves the released sizes to the host, which is what the class checks below see.
 """
 from __future__ import annotations
 

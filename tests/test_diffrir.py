@@ -461,6 +461,7 @@ def model_folder(comfy_inprocess, node_module, tmp_path_factory):
     folder = tmp_path_factory.mktemp("models_diffrir")
     make_diffrir_weights(folder / "tiny_x1.pth", 1)
     make_diffrir_weights(folder / "tiny_x2.safetensors", 2, fmt="safetensors")
+    (folder / "README.txt").write_text("where the DiffRIR weights came from")  # what users keep beside them
     comfy_inprocess.add_model_folder_path("diffrir", str(folder))
     return folder
 
@@ -480,6 +481,7 @@ def test_node_schemas(node_module):
 def test_loader_and_restore_nodes(comfy_inprocess, node_module, model_folder):
     options = node_module.DiffRIRLoader.define_schema().inputs[0].options
     assert "tiny_x1.pth" in options and "tiny_x2.safetensors" in options
+    assert "README.txt" not in options  # only weight files are offered
     net = node_module.DiffRIRLoader.execute("tiny_x1.pth").result[0]
     assert net.scale == 1 and not net.training
 

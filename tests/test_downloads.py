@@ -347,6 +347,7 @@ def test_run_command_downloads_missing_models_with_progress(sources, hub, tmp_pa
 
 # ------------------------------------------------------------------------------------------------ the node in ComfyUI
 
+@pytest.mark.host
 def test_the_node_downloads_with_progress_and_listing_never_touches_the_hub(sources, hub, tmp_path):
     from tests.host import ONE_THREAD, ComfyServer, ProgressWatch
 

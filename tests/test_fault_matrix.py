@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 from tests.host import (DIFFRIR_X1, EDIT_VAE, ONE_THREAD, REPO, VISION_TOWER, ComfyServer, ProgressWatch,
-                        execution_error, executed_nodes, models_base)
+                        comfyui_version, execution_error, executed_nodes, models_base)
 
 QWEN = "llmga-Qwen2-0.5B-full-finetune"
 LLAMA3 = "llmga-llama3-8b-it-full-finetune"
@@ -267,6 +268,15 @@ def nothing_ran(entry, base):
     assert not (base / "code_ran.marker").exists(), "unpickling ran code"
 
 
+def name_outside_the_list(id: str, prompt: Callable[[], dict], node: str, widget: str, name: str, says: str) -> Fault:
+    """A model name that is not in the loader's list. ComfyUI 0.33 checks V3 combo values at /prompt (execution.py
+    validate_inputs: value_not_in_list) and refuses the prompt naming the value; 0.3.64 does not, so the loader's
+    own check refuses it with `says` before anything is read."""
+    if comfyui_version() >= (0, 4):
+        return Fault(id, prompt, node, f"Value not in list: {widget}: {name!r} not in", "refused")
+    return Fault(id, prompt, node, says)
+
+
 RGB = {"i": load_image("rgb64.png")}
 EDIT_CAPTIONS = dict(source="a house on a hill", target="a house on a hill in snow")
 
@@ -362,16 +372,17 @@ FAULTS = [
     Fault("LLMGA Edit mask of another size", lambda: edit(mask=["mk", 0], extra={"mk": solid_mask(1.0, 32, 32)}),
           "LLMGAEdit", "The mask is 32×32 but the image is"),
     # --- model names and model files (issues 9, 10, 11)
-    # the host (0.3.64) does not check V3 combo values against their options, so the loaders refuse these
-    Fault("MLLM name with ../", lambda: ask(model="../../etc"), "LLMGAMLLMLoader",
-          "Model name '../../etc' must be a path inside the LLM model folders (no absolute paths, no '..')"),
-    Fault("MLLM name as an absolute path", lambda: ask(model="/etc"), "LLMGAMLLMLoader",
-          "Model name '/etc' must be a path inside the LLM model folders"),
-    Fault("checkpoint name with ../", lambda: render(sd="../diffusers/" + SD15), "LLMGACheckpointLoader",
-          "must be a path inside the diffusers model folders"),
-    Fault("DiffRIR name as an absolute path", lambda: restore(
+    name_outside_the_list("MLLM name with ../", lambda: ask(model="../../etc"), "LLMGAMLLMLoader", "model_name",
+                          "../../etc", "Model name '../../etc' must be a path inside the LLM model folders (no "
+                                       "absolute paths, no '..')"),
+    name_outside_the_list("MLLM name as an absolute path", lambda: ask(model="/etc"), "LLMGAMLLMLoader", "model_name",
+                          "/etc", "Model name '/etc' must be a path inside the LLM model folders"),
+    name_outside_the_list("checkpoint name with ../", lambda: render(sd="../diffusers/" + SD15),
+                          "LLMGACheckpointLoader", "model_name", "../diffusers/" + SD15,
+                          "must be a path inside the diffusers model folders"),
+    name_outside_the_list("DiffRIR name as an absolute path", lambda: restore(
         ["i", 0], ["i", 0], ["mk", 0], extra={**RGB, "mk": solid_mask(1.0)}, model="/etc/passwd"),
-          "DiffRIRLoader", "must be a path inside the diffrir model folders"),
+          "DiffRIRLoader", "model_name", "/etc/passwd", "must be a path inside the diffrir model folders"),
     Fault("MLLM pickle that runs code", lambda: ask(model="fault-pickle"), "LLMGAMLLMLoader",
           "holds pickled objects other than tensors", check=nothing_ran),
     Fault("SD UNet pickle that runs code", lambda: render(sd="fault-pickle-sd"), "LLMGACheckpointLoader",
@@ -468,6 +479,7 @@ INTERRUPTS = [
 def test_interrupt(server, watch, case):
     prompt_id = server.queue(case.prompt())
     first = watch.wait_progress(prompt_id, case.node, at_least=2, timeout=180)
+    sent = time.time()
     status, _ = server.interrupt()
     assert status == 200
     entry = server.wait(prompt_id, timeout=120)
@@ -476,8 +488,11 @@ def test_interrupt(server, watch, case):
     assert interrupted[0]["node_id"] == case.node  # stopped inside the node, not after it
     last = watch.last_progress(prompt_id, case.node)
     assert last["value"] < first["max"], "it ran to the end"
+    # the server stamps its messages with its clock (ms), the same machine's as `sent`
+    latency = interrupted[0]["timestamp"] / 1000 - sent
     record(server, f"/interrupt during {case.id}",
-           f"execution_interrupted in {interrupted[0]['node_type']} at step {last['value']} of {first['max']}")
+           f"execution_interrupted in {interrupted[0]['node_type']} at step {last['value']} of {first['max']}, "
+           f"{latency:.2f} s after POST /interrupt")
 
 
 def test_free_during_a_run_lets_it_finish_and_the_next_prompt_reloads(server, watch):

@@ -72,26 +72,29 @@ def test_outputs_and_text_shown_on_the_node(mllm_nodes, loaded):
     assert not direct.prompt_found and "gen_image" in shown
 
 
-def test_progress_hook_exceptions_interrupt_generation(mllm_nodes, loaded):
+def test_cancel_stops_generation_at_the_next_token_whatever_the_progress_hook_does(mllm_nodes, loaded):
+    """The user's Cancel (the host's interrupt flag, as POST /interrupt sets it) stops the answer at the next token
+    through the host's own check; the progress hook only shows progress (ComfyUI 0.33 throttles it)."""
+    import comfy.model_management as mm
     import comfy.utils
 
-    steps = []
-
-    class Interrupted(Exception):
-        pass
+    shown = []
 
     def hook(value, total, preview, node_id=None):
-        steps.append(value)
-        if value >= 2:
-            raise Interrupted()
+        shown.append(value)
+        mm.interrupt_current_processing(True)  # Cancel pressed while the first token is shown
 
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
-        with pytest.raises(Interrupted):
-            generate(mllm_nodes, loaded, max_new_tokens=50)
+        with pytest.raises(mm.InterruptProcessingException):
+            generate(mllm_nodes, loaded, instruction="cancel me", max_new_tokens=50)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
-    assert steps[-1] == 2
+        mm.interrupt_current_processing(False)
+    assert shown == [1]  # the second token was computed, then refused before it was shown
+    assert not mm.processing_interrupted()  # the host's check cleared the flag, so the next prompt runs
+    after = generate(mllm_nodes, loaded, instruction="cancel me", max_new_tokens=3)
+    assert len(after.args[2].messages) == 2  # the next request runs to its end: one question, one answer
 
 
 def test_empty_instruction_is_refused_before_the_model_is_loaded(mllm_nodes, loaded):

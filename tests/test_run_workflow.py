@@ -133,6 +133,7 @@ def server(tmp_path_factory):
     srv.stop()
 
 
+@pytest.mark.host
 def test_symlinked_pack_starts_its_comfyui_on_the_cpu_with_the_example_image(tmp_path):
     """README's command, literally, from ComfyUI/custom_nodes/<pack> where the pack folder is a symlink (as
     `ln -s` installs make it): ComfyUI is found, started on the CPU (no GPU here) and said so, the missing
@@ -172,6 +173,7 @@ def test_symlinked_pack_starts_its_comfyui_on_the_cpu_with_the_example_image(tmp
     assert "\r" not in done.stdout
 
 
+@pytest.mark.host
 def test_missing_models_name_the_folders_of_the_comfyui_it_started(tmp_path):
     """With --base-directory the list names <base>/models/…, not the ComfyUI folder; `--comfyui-args --cpu`
     is taken as README writes it."""
@@ -193,6 +195,7 @@ def test_missing_models_name_the_folders_of_the_comfyui_it_started(tmp_path):
     assert "starts with --cpu" not in done.stdout  # the user chose --cpu
 
 
+@pytest.mark.host
 def test_a_failed_start_shows_the_logs_last_error_line_and_what_to_do(tmp_path):
     from tests.host import comfyui_dir
 
@@ -204,6 +207,7 @@ def test_a_failed_start_shows_the_logs_last_error_line_and_what_to_do(tmp_path):
     assert "correct the --comfyui-args" in done.stderr and str(tmp_path / "out" / "comfyui.log") in done.stderr
 
 
+@pytest.mark.host
 def test_with_server_missing_models_are_named_relative_to_its_models_folder(server, tmp_path):
     workflow = json.loads((REPO / "workflows" / "api" / "llmga_inpaint_sd15_diffrir.json").read_text())
     workflow["9"]["inputs"]["model_name"] = "DiffRIR_x4.pth"
@@ -216,6 +220,7 @@ def test_with_server_missing_models_are_named_relative_to_its_models_folder(serv
     assert "<ComfyUI>" not in done.stderr and server.alive()
 
 
+@pytest.mark.host
 def test_an_input_image_that_is_not_there_names_the_node_and_the_flag(server, tmp_path):
     workflow = json.loads((REPO / "workflows" / "api" / "llmga_similar_sd15.json").read_text())
     workflow["1"]["inputs"]["image"] = "my_holiday.png"
@@ -239,6 +244,7 @@ def test_an_input_image_that_is_not_there_names_the_node_and_the_flag(server, tm
     assert (tmp_path / "o" / "prompt_3.txt").is_file()
 
 
+@pytest.mark.host
 def test_in_a_terminal_each_node_gets_one_live_bar(server, tmp_path):
     """Through a pseudo-terminal: tqdm bars for the MLLM and the sampler, one line each, and no line of the
     command glued to a bar."""

@@ -5,10 +5,11 @@ what scripts queue. Tests convert each UI workflow to API format the way the fro
 (positional widgets_values, an extra value after inputs with control_after_generate, links win over
 widget values) and require it to equal the shipped twin, so the two can never drift apart.
 The UI files are generated from the API twins by `api_to_ui`; after editing a twin or a node's inputs or
-outputs, regenerate them (a real host is started for /object_info):
+outputs, regenerate them on the newest host (tests.host.HOST_VERSIONS[0]; a real one is started for
+/object_info):
 
-    .venv/bin/python -m tests.workflow_format          # rewrite workflows/*.json from workflows/api/
-    .venv/bin/python -m tests.workflow_format --check  # exit 1 if any is out of date
+    .venv-comfyui-0.33.0/bin/python -m tests.workflow_format          # rewrite workflows/*.json from workflows/api/
+    .venv-comfyui-0.33.0/bin/python -m tests.workflow_format --check  # exit 1 if any is out of date
 """
 from __future__ import annotations
 
@@ -94,8 +95,8 @@ def api_to_ui(api: dict, object_info: dict, positions: dict | None = None, name:
         node = api[nid]
         info = object_info[node["class_type"]]
         inputs, widgets = [], []
-        for name, spec, optional in _ordered_inputs(info):
-            value = node["inputs"].get(name)
+        for input_name, spec, optional in _ordered_inputs(info):
+            value = node["inputs"].get(input_name)
             is_link = isinstance(value, list)
             if _is_widget(spec):
                 default = spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
@@ -105,12 +106,12 @@ def api_to_ui(api: dict, object_info: dict, positions: dict | None = None, name:
                 widgets.extend(_extra_widget_values(spec))
                 if is_link:
                     link_id += 1
-                    inputs.append({"name": name, "type": _type_name(spec), "widget": {"name": name},
+                    inputs.append({"name": input_name, "type": _type_name(spec), "widget": {"name": input_name},
                                    "link": link_id})
                     links.append([link_id, int(value[0]), value[1], int(nid), len(inputs) - 1, _type_name(spec)])
                     out_links.setdefault((value[0], value[1]), []).append(link_id)
             else:
-                entry = {"name": name, "type": spec[0], "link": None}
+                entry = {"name": input_name, "type": spec[0], "link": None}
                 if optional:
                     entry["shape"] = 7
                 if is_link:
@@ -137,8 +138,8 @@ def api_to_ui(api: dict, object_info: dict, positions: dict | None = None, name:
         ui_node["order"] = order
         info = object_info[ui_node["type"]]
         names = info.get("output_name") or info["output"]
-        for slot, (kind, name) in enumerate(zip(info["output"], names)):
-            ui_node["outputs"].append({"name": name, "type": kind,
+        for slot, (kind, output_name) in enumerate(zip(info["output"], names)):
+            ui_node["outputs"].append({"name": output_name, "type": kind,
                                        "links": out_links.get((str(ui_node["id"]), slot), []),
                                        "slot_index": slot})
     seed = "llmga-workflow:" + name if name else repr(sorted(api))
@@ -160,7 +161,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Generate workflows/*.json from their API twins in workflows/api/.")
     parser.add_argument("--check", action="store_true", help="only report UI files that differ; exit 1 if any")
     args = parser.parse_args(argv)
-    from .host import ComfyServer
+    from .host import HOST_VERSIONS, ComfyServer, host_version
+
+    if host_version() != HOST_VERSIONS[0]:
+        print(f"the UI workflows are written on ComfyUI {HOST_VERSIONS[0]}; run this with LLMGA_HOST_VERSION unset "
+              f"and .venv-comfyui-{HOST_VERSIONS[0]}/bin/python", file=sys.stderr)
+        return 2
 
     with tempfile.TemporaryDirectory() as base:
         server = ComfyServer(Path(base)).start()
