@@ -29,6 +29,7 @@ import errno
 import hashlib
 import inspect
 import json
+import logging
 import os
 import re
 import shlex
@@ -41,6 +42,8 @@ from typing import Callable, Iterable, Optional
 from urllib.parse import quote
 
 from .console import live_bar_class
+
+log = logging.getLogger("llmga")
 
 __all__ = [
     "Release", "RELEASES", "KIND_FOLDERS", "DownloadError", "DownloadPlan", "RemoteFile", "find_release",
@@ -357,6 +360,10 @@ def _reason(error: BaseException) -> str:
     if isinstance(error, OfflineModeIsEnabled):
         return "HF_HUB_OFFLINE is set"
     text = " ".join(str(error).split()) or type(error).__name__
+    # requests (huggingface_hub < 1) wraps the socket's reason in pool and retry text; the reason is what says why
+    reasons = re.findall(r"\[Errno -?\d+\] [^'\")]+", text)
+    if reasons:
+        return reasons[-1].strip()
     return text if len(text) <= 160 else text[:157] + "..."
 
 
@@ -418,6 +425,8 @@ def plan_download(release: Release, root, *, repo_id: Optional[str] = None, revi
                             "into ComfyUI's Python.") from None
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     plan = DownloadPlan(release, repo, revision, endpoint, target_folder(release, root), token=token)
+    # read at each download: huggingface_hub < 1 applies HF_HUB_OFFLINE only to HTTP sessions made after it is set
+    offline = constants.HF_HUB_OFFLINE
     if is_complete(release, root, repo_id=repo, revision=revision):
         record = _read_record(plan.target, release.name)
         plan.files = [RemoteFile(p, s, "") for p, s in record["files"].items()]
@@ -429,8 +438,14 @@ def plan_download(release: Release, root, *, repo_id: Optional[str] = None, revi
     from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
                                        RevisionNotFoundError)
 
+    from huggingface_hub.utils import OfflineModeIsEnabled
+
     try:
+        if offline:
+            raise OfflineModeIsEnabled("HF_HUB_OFFLINE is set")
         info = HfApi(endpoint=endpoint, token=token).model_info(repo, revision=revision, files_metadata=True)
+    except OfflineModeIsEnabled as error:
+        raise _no_network(plan, error) from None
     except GatedRepoError:
         raise DownloadError(f"{plan.repo_url} is gated: accept its terms on the Hub and log in (`hf auth login`, "
                             f"or set HF_TOKEN), then run the download again.") from None
@@ -564,7 +579,11 @@ def run_downloads(plans: list[DownloadPlan], progress: Optional[Progress] = None
     return received
 
 
-def _fetch(plan: DownloadPlan, file: RemoteFile, done: int, total: int, report: Progress) -> int:
+RESUMES_PER_FILE = 5  # a connection that drops after sending bytes is resumed this often within one download
+
+
+def _fetch(plan: DownloadPlan, file: RemoteFile, done: int, total: int, report: Progress,
+           resumes: int = RESUMES_PER_FILE) -> int:
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import HfHubHTTPError, build_hf_headers
 
@@ -601,6 +620,11 @@ def _fetch(plan: DownloadPlan, file: RemoteFile, done: int, total: int, report: 
                             f"later (what was fetched is kept).") from None
     except _network_errors() as error:
         kept = partial.stat().st_size if partial.is_file() else 0
+        if kept > start and resumes > 0:
+            # it sent bytes before it dropped: go on from there with a Range request (huggingface_hub 1.x retries
+            # such drops itself, 0.x only some of them)
+            log.info("The download of %s stopped at %s (%s); resuming.", file.path, _size(kept), _reason(error))
+            return _fetch(plan, file, base + kept, total, report, resumes - 1)
         raise DownloadError(f"The download of {file.path} from {plan.repo_url} stopped ({_reason(error)}); "
                             f"{_size(kept)} of it are kept, so run the download again to resume it, or put "
                             f"{_by_hand(plan)} into {plan.target} by hand.") from None

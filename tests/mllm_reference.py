@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from packaging.version import Version
 from PIL import Image
 
 
@@ -115,10 +116,15 @@ class Reference:
         self.bos = facts["bos"]
         self.lm.resize_token_embeddings(facts["len"])  # what builder.py does after loading
         if family in ("mistral", "qwen2"):  # the original's float16-built rotary tables
-            self.lm.model.rotary_emb.register_forward_hook(
-                lambda module, args, out: tuple(t.half().float() for t in out))
+            # one rotary module per model, or per attention layer before transformers 4.48
+            rotary = [m for m in self.lm.modules() if type(m).__name__ == stem + "RotaryEmbedding"]
+            assert rotary
+            for module in rotary:
+                module.register_forward_hook(lambda module, args, out: tuple(t.half().float() for t in out))
+        # the keyword is `dtype` from transformers 4.56 on, `torch_dtype` before
+        dtype_arg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
         self.vision = CLIPVisionModel.from_pretrained(str(vision), attn_implementation="eager",
-                                                      dtype=torch.float32).eval()
+                                                      **{dtype_arg: torch.float32}).eval()
         eos = gen["eos_token_id"]
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.penalty = gen.get("repetition_penalty", 1.0)
@@ -143,9 +149,19 @@ class Reference:
         features = hidden[len(hidden) - 2][0, 1:]
         p = self.projector
         features = F.linear(F.gelu(F.linear(features, p["0.weight"], p["0.bias"])), p["2.weight"], p["2.bias"])
-        if self.family == "gemma":
+        if self.family == "gemma" and self.embedding_scales():
+            # LLaVA's Gemma scales the whole input sequence by sqrt(hidden), features included. transformers 4
+            # does that in GemmaModel.forward on inputs_embeds; transformers 5 in the embedding layer, so only the
+            # text it embeds: there the features are scaled here
             features = features * torch.tensor(self.lm.config.hidden_size ** 0.5)
         return torch.cat([embed(torch.tensor(first)), features, embed(torch.tensor(second))])[:self.max_positions]
+
+    @torch.no_grad()
+    def embedding_scales(self) -> bool:
+        """Whether this transformers' embedding layer scales what it returns (observed, not looked up)."""
+        embed = self.lm.get_input_embeddings()
+        ids = torch.tensor([0, 1])
+        return not torch.equal(embed(ids), embed.weight[ids])
 
     @torch.no_grad()
     def greedy(self, prompt: str, image: Image.Image | None, max_new_tokens: int) -> list[int]:

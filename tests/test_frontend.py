@@ -1,9 +1,10 @@
 """The prompt on the node, in the real ComfyUI frontend (headless Chromium), against the real server.
 
-Two frontends: the one the host pins (comfyui-frontend-package in the venv, 1.27.10) and the newest on the
-package index (installed by .ci/setup_env.sh into its own folder, served by the same ComfyUI through
---front-end-root). One server and one browser session per frontend (tests/frontend/check_frontend.mjs records
-what the page shows; the tests here compare it with the server's history and with independent references).
+Two frontends: the one the host pins (comfyui-frontend-package in the host's venv: 1.49.6 for ComfyUI 0.33.0,
+1.27.10 for 0.3.64) and the newest on the package index (installed by .ci/setup_env.sh into its own folder,
+served by the same ComfyUI through --front-end-root). One server and one browser session per frontend
+(tests/frontend/check_frontend.mjs records what the page shows; the tests here compare it with the server's
+history and with independent references).
 Screenshots of every check go to $LLMGA_SCREENSHOTS (default /tmp/llmga-screenshots)/<frontend>/.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,37 @@ def make_stream_model(models: Path) -> None:
 def as_shown(text: str) -> str:
     """Text as a textarea's value gives it back: the HTML spec normalises CR and CRLF to LF."""
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def to_fixed(seconds: float) -> str:
+    """JavaScript's seconds.toFixed(2) + "s", as the queue panels write a run's time (a tie rounds up)."""
+    return f"{Decimal(seconds).quantize(Decimal('0.01'), rounding=ROUND_HALF_UP)}s"
+
+
+def run_seconds(entry: dict) -> float:
+    """A history entry's execution time as the frontends take it: execution_start to the end message."""
+    stamps = dict(entry["status"]["messages"])
+    end = max(data["timestamp"] for kind, data in entry["status"]["messages"]
+              if kind in ("execution_success", "execution_error", "execution_interrupted"))
+    return (end - stamps["execution_start"]["timestamp"]) / 1000
+
+
+def js_keys(obj: dict) -> list[str]:
+    """A JSON object's keys in JavaScript's order: integer-like keys (node ids) ascending, then the others."""
+    index = [k for k in obj if k.isdigit() and str(int(k)) == k and int(k) < 2**32 - 1]
+    return sorted(index, key=int) + [k for k in obj if k not in index]
+
+
+def saved_preview(entry: dict, order=list) -> dict:
+    """The image a queue panel shows for a finished run: its first saved (type "output") one, the nodes'
+    outputs taken in `order` (the server's own, or js_keys where the frontend walks the history itself)."""
+    outputs = entry["outputs"]
+    return next(item for node in order(outputs) for item in outputs[node].get("images", [])
+                if item["type"] == "output")
+
+
+def view_url(image: dict) -> str:
+    return f"/api/view?filename={image['filename']}&type={image['type']}&subfolder={image['subfolder']}"
 
 
 def strip(prompt: dict) -> dict:
@@ -158,6 +191,55 @@ def test_every_ui_workflow_loads_converts_and_runs_from_the_frontend(frontend, i
         assert sorted(shown["notes"].split("\n")) == sorted(notes) if notes else shown["notes"] == ""
         assert shown["serialized"] is False and shown["edit_widgets_hidden"] == [True, True]
         assert shown["property"]["text"] == out["prompt"][0]
+
+
+def test_the_queue_side_panel_lists_the_runs(frontend):
+    """After the workflows ran from the frontend's queue, its queue / job history side panel (opened from the
+    sidebar) lists those runs as the server's /history (and /api/jobs where the host has it) has them; except
+    frontend 1.58.1 on ComfyUI 0.3.64, which lists jobs only through /api/jobs, which that host lacks."""
+    result = frontend.check("queue_panel")
+    version = tuple(int(p) for p in frontend.report["frontend"].split("."))
+    runs = [frontend.report["workflows"][w["name"]]["prompt_id"] for w in frontend.workflows]
+    # when the panel was open the server had exactly these runs
+    assert sorted(result["server"]["history"]) == sorted(runs)
+    history = {pid: frontend.history(pid) for pid in runs}
+    assert all(entry["status"]["status_str"] == "success" for entry in history.values())
+    newest_first = sorted(runs, key=lambda pid: history[pid]["prompt"][0], reverse=True)
+    jobs_api = host.comfyui_version() >= (0, 33)  # of the hosts tested, 0.33.0 has /api/jobs and 0.3.64 not
+    assert result["server"]["jobs_status"] == (200 if jobs_api else 404)
+    requests = result["requests"]
+    if version < (1, 30):  # 1.27.10 (pinned by 0.3.64): the Queue tab, its tasks read from /history
+        assert (result["panel"], result["title"].lower()) == ("queue", "queue")
+        assert requests.get("GET /api/history 200")
+        owner = {img["filename"]: pid for pid, entry in history.items() for out in entry["outputs"].values()
+                 for img in out.get("images", []) if img["type"] == "output"}
+        rows = result["rows"]
+        assert [owner.get(row["title"]) for row in rows] == newest_first  # one task per run, the last on top
+        for row, pid in zip(rows, newest_first):
+            entry = history[pid]
+            # each output item counts, the text lists of the LLMGA nodes too (its flatOutputs)
+            count = sum(len(items) for out in entry["outputs"].values() for kind, items in out.items()
+                        if kind != "animated")
+            image = saved_preview(entry, js_keys)
+            assert row == {"title": image["filename"], "src": view_url(image), "status": "success",
+                           "time": to_fixed(run_seconds(entry)), "outputs": str(count) if count > 1 else None}, pid
+        return
+    assert result["panel"] == "job-history" and result["title"] == "Job History"
+    if not jobs_api:  # the known limitation: asked, refused, nothing listed, no other source tried
+        assert requests.get("GET /api/jobs 404") and not requests.get("GET /api/jobs 200")
+        assert not [r for r in requests if "/history" in r], requests
+        assert result["rows"] == [] and result["floating"] == [] and "No active jobs" in result["text"]
+        return
+    assert requests.get("GET /api/jobs 200") and not [r for r in requests if " 200" not in r], requests
+    listed = [row["id"] for row in result["rows"]]
+    assert listed == newest_first == [pid for pid in result["server"]["jobs"] if pid in runs]
+    assert result["floating"] == result["rows"]  # the floating queue it was docked from listed the same
+    for row in result["rows"]:
+        entry, job = history[row["id"]], frontend.server.get(f"/api/jobs/{row['id']}")
+        image = saved_preview(entry)
+        assert job["status"] == "completed" and job["preview_output"]["filename"] == image["filename"]
+        assert row["texts"] == [image["filename"], to_fixed(run_seconds(entry))]
+        assert row["src"].startswith(view_url(image))
 
 
 def test_the_prompt_streams_onto_the_node_while_it_is_written(frontend, original_tokenizers):

@@ -101,9 +101,11 @@ def nodes(llmga_pack, tmp_path_factory):
     root = tmp_path_factory.mktemp("memory_inprocess")
     make_mllm_folder(root / "LLM", "qwen2", name=MODEL, sizes=SIZES)
     make_vision_tower(root / "LLM" / MODEL / host.VISION_TOWER)
-    folder_paths.add_model_folder_path("LLM", str(root / "LLM"))
-    return (importlib.import_module(host.PACK_MODULE + ".nodes.mllm"),
-            importlib.import_module(host.PACK_MODULE + ".nodes.memory"))
+    paths, extensions = folder_paths.folder_names_and_paths["LLM"]
+    with pytest.MonkeyPatch.context() as patch:  # this module's model only while it runs (others list models/LLM)
+        patch.setitem(folder_paths.folder_names_and_paths, "LLM", ([*paths, str(root / "LLM")], extensions))
+        yield (importlib.import_module(host.PACK_MODULE + ".nodes.mllm"),
+               importlib.import_module(host.PACK_MODULE + ".nodes.memory"))
 
 
 @pytest.fixture()

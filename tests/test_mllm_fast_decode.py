@@ -2,17 +2,24 @@
 independent un-cached reference (tests/mllm_reference.py): same greedy ids on every family in float32, text
 only and with an image, with torch's linear kernel and with oneDNN's; the compiled step on Qwen2 (rotary
 hook, tied head, biases); seeded sampling; progress and interruption per token (and per block, as a GPU
-runs); one compilation per shape bucket; weights that change under a compiled step; the fallback log line.
+runs); one compilation per model and shape bucket over many requests, each request's cache freed; weights
+that change under a compiled step; the fallback log line.
 """
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from PIL import Image
+from torch._dynamo.utils import counters  # also imported before any model is built under torch.device("meta"),
+# where torch 2.6 cannot import dynamo for the first time (transformers 5 imports it lazily)
 
 from llmga_core.mllm import fast_decode, load_mllm
 from tests.fixtures.tiny_mllm import FAMILIES, RELEASED_NAMES, make_mllm_folder, shared_model_root
@@ -165,9 +172,64 @@ def test_seeded_sampling_draws_the_dynamic_loops_tokens(model_root):
 
 
 def compiled_graphs() -> int:
-    from torch._dynamo.utils import counters
-
+    """Graphs dynamo has compiled in this process (its own counter, bumped once per compilation)."""
     return counters["stats"]["unique_graphs"]
+
+
+def compiles_here() -> bool:
+    """torch 2.6's dynamo cannot trace transformers 5's model code (its config-defaults decorator reads
+    func.__code__, then dict.get through super()); every other pairing the pack supports compiles."""
+    return Version(torch.__version__).release[:2] >= (2, 7) or Version(transformers.__version__).major < 5
+
+
+# ten requests of different lengths, all in the first shape bucket (prompt + max_new_tokens <= BUCKET)
+TEN_REQUESTS = (("a red fox in the snow at dawn", 24), ("a cat", 9), ("hello", 30), ("Make it snowy.", 17),
+                ("Now at night", 12), ("a bowl of ramen on a wooden table", 28), ("two dogs", 6),
+                ("a lighthouse in a storm, waves breaking", 21), ("Generate a similar image.", 15),
+                ("a castle", 26))
+
+
+def test_one_compilation_per_model_over_ten_requests(model_root, monkeypatch, caplog):
+    """Ten requests of different lengths on Qwen2, then ten on Llama-3 (a second family, with another RMSNorm
+    epsilon): one compiled graph per model, reused by all ten on every torch (before torch 2.9, transformers'
+    identity guards on each new cache recompiled every request; on 2.7 the second family's epsilon failed to
+    compile), the dynamic loop's greedy ids, and each request's cache freed when it ends. On torch 2.6 with
+    transformers 5, the fallback instead: the same ids, no graph, one log line per model."""
+    caches = []
+    new_cache = fast_decode._new_static_cache
+
+    def tracked(*args, **kwargs):  # watches the caches the decoder makes (it still makes them itself)
+        cache = new_cache(*args, **kwargs)
+        caches.append(weakref.ref(cache))
+        return cache
+
+    monkeypatch.setattr(fast_decode, "_new_static_cache", tracked)
+    torch._dynamo.reset()  # graphs of earlier tests would serve these models without compiling
+    compiles = {}
+    try:
+        for family in ("qwen2", "llama3"):
+            mllm = load_mllm(model_root / RELEASED_NAMES[family])
+            expected = [generate(mllm, "dynamic", text, max_new_tokens=n)[0].token_ids for text, n in TEN_REQUESTS]
+            assert all(len(ids) <= n for ids, (_, n) in zip(expected, TEN_REQUESTS))
+            start = compiled_graphs()
+            with caplog.at_level(logging.WARNING, logger="llmga"):
+                for (text, n), ids in zip(TEN_REQUESTS, expected):
+                    reply, steps = generate(mllm, "compiled", text, max_new_tokens=n)
+                    assert reply.token_ids == ids and [t for _, t in steps] == ids
+                    gc.collect()
+                    assert caches and all(ref() is None for ref in caches)  # nothing keeps a finished cache
+            compiles[family] = compiled_graphs() - start
+    finally:
+        torch._dynamo.reset()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "llmga" and r.levelno >= logging.WARNING]
+    if compiles_here():
+        assert compiles == {"qwen2": 1, "llama3": 1}
+        assert len(caches) == 20 and warnings == []
+    else:
+        assert compiles == {"qwen2": 0, "llama3": 0}
+        assert len(caches) == 2  # one try per model class; later requests go straight to the dynamic loop
+        assert len(warnings) == 2 and all(w.startswith("LLMGA MLLM: compiling the decode step failed on cpu (")
+                                          for w in warnings)
 
 
 def test_compiled_step(model_root, tmp_path):
@@ -175,6 +237,9 @@ def test_compiled_step(model_root, tmp_path):
     step with its CPU linear kernel (the fused multiply-and-sum): greedy ids of the dynamic loop, text and
     image; one compilation per shape bucket; seeded sampling; and weights that change after compiling (as moving
     the model between devices does) are used, not baked in."""
+    if not compiles_here():
+        pytest.skip("torch 2.6 cannot compile transformers 5's models; the fallback is checked by "
+                    "test_one_compilation_per_model_over_ten_requests")
     assert fast_decode.cpu_linear_choice(None, torch.float32, compiled=True) == "reduction"
     mllm = load_mllm(model_root / RELEASED_NAMES["qwen2"])
     expected, expected_steps = generate(mllm, "dynamic")
@@ -182,6 +247,7 @@ def test_compiled_step(model_root, tmp_path):
     reply, steps = generate(mllm, "compiled")
     assert_same_reply(reply, steps, expected, expected_steps)
     assert compiled_graphs() == start + 1
+    old_weights_ids = expected.token_ids
     # another prompt in the same bucket of cache positions runs the same compiled step
     other, _ = generate(mllm, "dynamic", "a cat", max_new_tokens=30)
     again, _ = generate(mllm, "compiled", "a cat", max_new_tokens=30)
@@ -192,10 +258,16 @@ def test_compiled_step(model_root, tmp_path):
     expected, expected_steps = generate(mllm, "dynamic", "Generate a similar image.", image=image)
     reply, steps = generate(mllm, "compiled", "Generate a similar image.", image=image)
     assert_same_reply(reply, steps, expected, expected_steps)
+    assert compiled_graphs() == start + 2  # the image's 576 features: the next bucket of cache positions
+    other, _ = generate(mllm, "dynamic", "Make it snowy.", image=image)
+    again, _ = generate(mllm, "compiled", "Make it snowy.", image=image)
+    assert again.token_ids == other.token_ids
+    assert compiled_graphs() == start + 2
 
     before, _ = generate(mllm, "dynamic", temperature=0.9, seed=3)
     after, _ = generate(mllm, "compiled", temperature=0.9, seed=3)
     assert after.token_ids == before.token_ids
+    assert compiled_graphs() == start + 3  # sampling's step returns the logits: another function
 
     # new tensors (as a move between devices makes) holding new weights: the compiled step reads them
     other_folder = make_mllm_folder(tmp_path, "qwen2", seed=9)
@@ -206,8 +278,9 @@ def test_compiled_step(model_root, tmp_path):
         for mine, theirs in zip(lm.parameters(), other_lm.parameters()):
             mine.copy_(theirs)
     new_expected, _ = generate(mllm, "dynamic")
-    assert new_expected.token_ids != expected.token_ids
+    assert new_expected.token_ids != old_weights_ids
     assert generate(mllm, "compiled")[0].token_ids == new_expected.token_ids
+    assert compiled_graphs() == start + 3  # the weights are inputs of the step
 
 
 def test_failed_compilation_falls_back_with_one_log_line(model_root, monkeypatch, caplog):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch._dynamo  # noqa: F401  imported before the fixtures build models under torch.device("meta"), where
+# torch 2.6 cannot import it for the first time (transformers 5 imports it lazily)
 from PIL import Image
 
 from llmga_core.mllm import Conversation, load_mllm

@@ -202,6 +202,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.host  # the node's choice, in a subprocess that imports the host
 def test_without_bitsandbytes_the_choice_says_how_to_install_it(root, tmp_path):
     folder = str(root / RELEASED_NAMES["qwen2"])
     library = run_python('import sys; sys.modules["bitsandbytes"] = None\n' + REFUSALS % (folder, folder))

@@ -59,21 +59,29 @@ class FastDecodeUnavailable(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ the steps
-def _logits_step(lm: nn.Module, cache, token: torch.Tensor, cache_arg: str, keep_arg: Optional[str]) -> torch.Tensor:
-    """The float32 logits (V,) after feeding `token` (1×1) at the cache's next position."""
+def _logits_step(lm: nn.Module, cache, token: torch.Tensor, position: Optional[torch.Tensor], cache_arg: str,
+                 keep_arg: Optional[str]) -> torch.Tensor:
+    """The float32 logits (V,) after feeding `token` (1×1) at the cache's next position. `position` (1,): the
+    cache position of the token where the forward takes one (transformers 4), advanced here on the device;
+    None where the cache counts its positions itself (transformers 5)."""
     kwargs = {cache_arg: cache, "use_cache": True}
     if keep_arg:
         kwargs[keep_arg] = 1
-    return lm(input_ids=token, **kwargs).logits[0, -1].to(torch.float32)
+    if position is not None:
+        kwargs["cache_position"] = position
+    logits = lm(input_ids=token, **kwargs).logits[0, -1].to(torch.float32)
+    if position is not None:
+        position.add_(1)
+    return logits
 
 
-def _greedy_step(lm: nn.Module, cache, token: torch.Tensor, seen: torch.Tensor, penalty: float, cache_arg: str,
-                 keep_arg: Optional[str]) -> torch.Tensor:
+def _greedy_step(lm: nn.Module, cache, token: torch.Tensor, position: Optional[torch.Tensor], seen: torch.Tensor,
+                 penalty: float, cache_arg: str, keep_arg: Optional[str]) -> torch.Tensor:
     """One greedy token, written into `token` for the next step and marked in `seen`; returns it (0-dim).
 
     The penalty is transformers 4.41's RepetitionPenaltyLogitsProcessor, as `_next_token` applies it with
     gather/scatter over the generated ids: the same operation on the same values, over a mask of the ids."""
-    logits = _logits_step(lm, cache, token, cache_arg, keep_arg)
+    logits = _logits_step(lm, cache, token, position, cache_arg, keep_arg)
     if penalty != 1.0:
         logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
     chosen = logits.argmax()
@@ -229,18 +237,84 @@ class _Plan:
     linear: str
 
 
-def _unsupported(lm: nn.Module) -> Optional[str]:
+def _static_cache_support(lm: nn.Module) -> tuple[Optional[str], bool]:
+    """(why this transformers cannot run the static cache, or None; whether its forward takes the cache positions).
+
+    transformers 5 keeps the position count in the cache (StaticLayer.cumulative_length); 4.x's forward takes
+    `cache_position`, and without it would count the filled positions on the host at every step."""
     try:
         from transformers import StaticCache  # noqa: F401
-        from transformers.cache_utils import StaticLayer  # noqa: F401
     except ImportError:
-        return "this transformers version has no StaticCache layers"
-    if "cache_position" in inspect.signature(lm.forward).parameters:
         import transformers
 
-        return (f"transformers {transformers.__version__} needs cache positions passed to every step; the static "
-                "cache decoder needs transformers 5 or later")
-    return None
+        return f"transformers {transformers.__version__} has no StaticCache", False
+    return None, "cache_position" in inspect.signature(lm.forward).parameters
+
+
+def _new_static_cache(lm: nn.Module, length: int, device: torch.device, dtype: torch.dtype):
+    """A StaticCache of `length` positions for one sequence. transformers 5 and 4.56+ take (config, max_cache_len)
+    and allocate at the first update; 4.48–4.55 allocate here and need the batch size, device and dtype."""
+    from transformers import StaticCache
+
+    names = inspect.signature(StaticCache.__init__).parameters
+    kwargs = {"config": lm.config, "max_cache_len": length}
+    if "max_batch_size" in names:
+        kwargs.update(max_batch_size=1, device=device, dtype=dtype)
+    return StaticCache(**kwargs)
+
+
+def _unguard(cache) -> None:
+    """Drops the identity guards on the cache's tensors. transformers marks them with
+    torch._dynamo.mark_static_address, whose `guard` defaults to True before torch 2.9: the compiled step then
+    guards on each tensor's id, so the next request's new cache recompiled the step (until dynamo's recompile
+    limit, then the step was no longer compiled). Unguarded, the tensors stay inputs of the compiled step and
+    one compilation serves every cache of the same shape."""
+    for holder in (cache, *getattr(cache, "layers", ())):
+        for value in vars(holder).values():
+            for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(tensor, torch.Tensor) and hasattr(tensor, "_dynamo_static_input_type"):
+                    torch._dynamo.mark_static_address(tensor, guard=False)
+
+
+def _cache_state(cache) -> list[torch.Tensor]:
+    """The position counters the step advances inside the cache (transformers 5's StaticLayer.cumulative_length)."""
+    return [layer.cumulative_length for layer in getattr(cache, "layers", ())
+            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
+
+
+def _dynamo_settings():
+    """dynamo's configuration for the block, where this torch has the setting:
+    - the per-function recompile limit raised (torch 2.6 calls it cache_size_limit), since every model and
+      shape bucket compiles the same step function;
+    - floats specialised: the models' constants (RMSNorm epsilon, rope scaling) and the repetition penalty are
+      compiled in and guarded by value. Otherwise a float that differs from the previous compilation (Llama-3's
+      epsilon after Qwen2's) is turned into a tensor input, which torch 2.7 reads back with .item() in the
+      graph and then fails to compile ("Data dependent operator aten._local_scalar_dense")."""
+    config = torch._dynamo.config
+    settings = {"specialize_float": True} if hasattr(config, "specialize_float") else {}
+    limit = next((name for name in ("recompile_limit", "cache_size_limit") if hasattr(config, name)), None)
+    if limit:
+        settings[limit] = max(int(getattr(config, limit)), RECOMPILE_LIMIT)
+    return config.patch(**settings)
+
+
+def _known_compile_gap() -> str:
+    """What to say first when a compilation fails where it is known to: torch 2.6's dynamo cannot trace
+    transformers 5's model code (its decorators read `func.__code__` and call dict methods through super())."""
+    import transformers
+
+    torch_version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if torch_version < (2, 7) and int(transformers.__version__.split(".")[0]) >= 5:
+        return "torch 2.6 cannot compile transformers 5's models; torch 2.7 or later can: "
+    return ""
+
+
+def _decline(key: tuple, reason: str, remember: bool = True) -> FastDecodeUnavailable:
+    """The FastDecodeUnavailable for `reason`, remembered under `key`; `first` only the first time."""
+    first = _compile_failures.get(key) != reason
+    if remember:
+        _compile_failures[key] = reason
+    return FastDecodeUnavailable(reason, first=first)
 
 
 def _plan(lm: nn.Module, device: torch.device, dtype: torch.dtype, mode: str) -> _Plan:
@@ -269,7 +343,8 @@ def decode(mllm, embeds: torch.Tensor, temperature: float, top_p: Optional[float
     """(new token ids, whether max_new_tokens was reached before an end token), as model.py's dynamic loop.
 
     Raises FastDecodeUnavailable, before any token is reported, where the static cache or its compiled step
-    cannot run; exceptions of `counter` (progress, interruption) propagate."""
+    cannot run (the reason is remembered per device, dtype and model class, so it is not tried again);
+    exceptions of `counter` (progress, interruption) propagate."""
     from .model import _forward_argument_names
 
     if mode not in DECODERS or mode == "dynamic":
@@ -277,37 +352,40 @@ def decode(mllm, embeds: torch.Tensor, temperature: float, top_p: Optional[float
     lm = mllm.model.language_model
     device, dtype = embeds.device, next(lm.parameters()).dtype
     cache_arg, keep_arg = _forward_argument_names(lm)
-    reason = _unsupported(lm)
+    reason, positional = _static_cache_support(lm)
     if reason:
-        first = ("unsupported",) not in _compile_failures
-        _compile_failures["unsupported",] = reason
-        raise FastDecodeUnavailable(reason, first=first)
+        raise _decline(("unsupported",), reason)
     plan = _plan(lm, device, dtype, mode)
     quantised = any(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in lm.modules())
-    failure_key = (device.type, dtype, type(lm).__name__, quantised)
-    if plan.compiled:
-        if not torch._dynamo.is_dynamo_supported():
-            reason = "torch.compile is not supported on this Python/torch"
-            first = failure_key not in _compile_failures
-            _compile_failures[failure_key] = reason
-            raise FastDecodeUnavailable(reason, first=first)
-        if failure_key in _compile_failures:
-            raise FastDecodeUnavailable(_compile_failures[failure_key], first=False)
-
-    from transformers import StaticCache
+    static_key = (device.type, dtype, type(lm).__name__, quantised)  # where the static cache itself failed
+    failure_key = static_key + ("compiled",) if plan.compiled else static_key
+    for key in {static_key, failure_key}:
+        if key in _compile_failures:
+            raise FastDecodeUnavailable(_compile_failures[key], first=False)
+    if plan.compiled and not torch._dynamo.is_dynamo_supported():
+        raise _decline(failure_key, "torch.compile is not supported on this Python/torch")
 
     sampling = mllm._sampling
     top_p = sampling.top_p if top_p is None else float(top_p)
     generator = torch.Generator(device=device).manual_seed(int(seed)) if temperature > 0 else None
     eos = set(sampling.eos_ids)
-    length = -(-(embeds.shape[1] + max_new_tokens) // BUCKET) * BUCKET
+    prompt = embeds.shape[1]
+    length = -(-(prompt + max_new_tokens) // BUCKET) * BUCKET
     greedy = temperature <= 0
     with torch.inference_mode():
-        cache = StaticCache(config=lm.config, max_cache_len=length)
-        prefill = {cache_arg: cache, "use_cache": True}
-        if keep_arg:
-            prefill[keep_arg] = 1
-        logits = lm(inputs_embeds=embeds, **prefill).logits[0, -1].to(torch.float32)
+        try:  # what differs between transformers versions: the cache's constructor and the prefill's arguments
+            cache = _new_static_cache(lm, length, device, dtype)
+            prefill = {cache_arg: cache, "use_cache": True}
+            if keep_arg:
+                prefill[keep_arg] = 1
+            if positional:
+                prefill["cache_position"] = torch.arange(prompt, device=device)
+            logits = lm(inputs_embeds=embeds, **prefill).logits[0, -1].to(torch.float32)
+            _unguard(cache)  # after the prefill: transformers 5 allocates the tensors at the first update
+        except Exception as error:
+            out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)  # this request only: not remembered
+            raise _decline(static_key, f"the static cache failed on {device.type} ({_short(error)})",
+                           remember=not out_of_memory) from error
         first = mllm._next_token(logits, None, temperature, top_p, generator)
         del logits
         first_id = int(first)
@@ -317,12 +395,13 @@ def decode(mllm, embeds: torch.Tensor, temperature: float, top_p: Optional[float
         out = torch.empty(max_new_tokens, dtype=torch.long, device=device)  # the tokens, on the device
         out[0] = first
         token = first.view(1, 1).clone()
+        position = torch.tensor([prompt], dtype=torch.long, device=device) if positional else None
         vocabulary = lm.get_output_embeddings().weight.shape[0]
         seen = torch.zeros(vocabulary, dtype=torch.bool, device=device)
         seen[first] = True
         step = _step_function("greedy" if greedy else "logits", plan.compiled)
-        args = (lm, cache, token, seen, sampling.repetition_penalty, cache_arg, keep_arg) if greedy else \
-            (lm, cache, token, cache_arg, keep_arg)
+        args = (lm, cache, token, position, seen, sampling.repetition_penalty, cache_arg, keep_arg) if greedy else \
+            (lm, cache, token, position, cache_arg, keep_arg)
 
         def advance(run: Callable[[], torch.Tensor], count: int) -> torch.Tensor:
             """Token `count` (0-based) from the step's output; sampling draws it here as the dynamic loop does."""
@@ -333,18 +412,18 @@ def decode(mllm, embeds: torch.Tensor, temperature: float, top_p: Optional[float
             token.copy_(chosen.view(1, 1))
             return chosen
 
-        with linear_kernel(lm, plan.linear), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        with linear_kernel(lm, plan.linear), _dynamo_settings():
             try:  # the first step compiles; nothing has been reported yet, so a failure can still fall back
                 out[1] = advance(lambda: step(*args), 1)
             except Exception as error:
                 what = "compiling the decode step" if plan.compiled else "the static-cache decode step"
-                reason = f"{what} failed on {device.type} ({_short(error)})"
-                if plan.compiled:
-                    _compile_failures[failure_key] = reason
-                raise FastDecodeUnavailable(reason) from error
+                out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)
+                hint = _known_compile_gap() if plan.compiled else ""
+                raise _decline(failure_key, f"{what} failed on {device.type} ({hint}{_short(error)})",
+                               remember=not out_of_memory) from error
             run = functools.partial(step, *args)
             if device.type == "cuda" and plan.compiled:
-                state = [token] + ([seen] if greedy else []) + [layer.cumulative_length for layer in cache.layers]
+                state = [token] + ([position] if positional else []) + ([seen] if greedy else []) + _cache_state(cache)
                 try:
                     run = _GraphStep(step, args, state)
                 except Exception as error:  # the compiled step still runs, launched per kernel

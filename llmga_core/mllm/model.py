@@ -472,8 +472,9 @@ class LLMGAMLLM:
                 return fast_decode.decode(self, embeds, temperature, top_p, max_new_tokens, seed, counter,
                                           self.decoder)
             except fast_decode.FastDecodeUnavailable as declined:
+                # str(): a log record that kept the error would keep its traceback, and with it the cache
                 log.log(logging.WARNING if declined.first else logging.DEBUG,
-                        "LLMGA MLLM: %s; decoding with the dynamic cache instead.", declined)
+                        "LLMGA MLLM: %s; decoding with the dynamic cache instead.", str(declined))
         lm = self.model.language_model
         device = embeds.device
         top_p = self._sampling.top_p if top_p is None else float(top_p)
@@ -567,7 +568,9 @@ def load_mllm(folder, *, vision_tower=None, device=None, dtype: Optional[torch.d
         quantizer.finish()
     shrink_vocabulary(language_model, len(tokenizer))
     if info.family in ("mistral", "qwen2") and dtype != torch.float16:
-        language_model.model.rotary_emb.register_forward_hook(_round_through_fp16)
+        for module in language_model.modules():  # one per model; one per attention layer before transformers 4.48
+            if type(module).__name__.endswith("RotaryEmbedding"):
+                module.register_forward_hook(_round_through_fp16)
     tower = load_vision_tower(tower_path)
     modules = MLLMModules(language_model, tower, projector).to(device)
     trim_heap_when_freed(modules)  # so the host's /free gives the RAM back

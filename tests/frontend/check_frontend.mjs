@@ -7,7 +7,8 @@
 // test size through its widgets and runs from the frontend's own queue; the prompt streams onto the node; an
 // edit of the prompt re-runs only what is downstream; a stale edit is dropped; the copy button; the text comes
 // back after a reload and when the saved workflow is opened again, and after an interrupted answer; a workflow
-// saved before the edit inputs loads; hostile text stays text.
+// saved before the edit inputs loads; hostile text stays text. Right after the workflows ran, the queue / job
+// history side panel is opened from the sidebar, as a user does, and what it lists is recorded.
 import { chromium } from "playwright-core";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -28,6 +29,15 @@ await context.grantPermissions(["clipboard-read", "clipboard-write"], { origin: 
 const page = await context.newPage();
 page.on("console", (m) => { if (m.type() === "error") report.console.push(m.text()); });
 page.on("pageerror", (e) => report.console.push("pageerror: " + String(e)));
+// how the server answered the page's requests for the job lists: "GET /api/jobs 404" -> how many times
+const listRequests = {};
+page.on("response", (r) => {
+  const path = new URL(r.url()).pathname;
+  if (/^\/(api\/)?(jobs|history|queue)(\/|$)/.test(path)) {
+    const key = `${r.request().method()} ${path} ${r.status()}`;
+    listRequests[key] = (listRequests[key] ?? 0) + 1;
+  }
+});
 
 async function openApp() {
   await page.waitForFunction(
@@ -153,6 +163,109 @@ async function check(name, body) {
   writeFileSync(reportPath, JSON.stringify(report, null, 2));
 }
 
+// The rows a side panel lists, top to bottom, scrolled through (the lists are virtual: only the rows in view
+// are in the DOM). "queue": the Queue tab of frontends up to 1.2x (a task per run: cover image, status, time,
+// number of outputs); "job": the job lists of later frontends (a row per job: its id, a title and the time).
+async function panelRows(panelSelector, kind) {
+  return page.evaluate(async ({ panelSelector, kind }) => {
+    const panel = document.querySelector(panelSelector);
+    if (!panel) return null;
+    const rowSelector = kind === "queue" ? ".task-item" : "[data-job-id]";
+    const read = (el) => kind === "queue" ? {
+      title: el.querySelector(".task-result-preview img")?.getAttribute("alt") ?? null,
+      src: el.querySelector(".task-result-preview img")?.getAttribute("src") ?? null,
+      status: el.querySelector(".status-tag-group .p-tag")?.className.match(/p-tag-(\w+)/)?.[1] ?? null,
+      time: el.querySelector(".task-time")?.textContent ?? null,
+      outputs: el.querySelector(".tag-wrapper:not(.status-tag-group) button")?.innerText.trim() ?? null,
+    } : {
+      id: el.dataset.jobId,
+      texts: [...el.querySelectorAll("span[title]")].map((s) => s.textContent),
+      src: el.querySelector("img")?.getAttribute("src") ?? null,
+    };
+    const first = panel.querySelector(rowSelector);
+    let scroller = first?.parentElement ?? null;
+    while (scroller && scroller !== document.body && !(scroller.scrollHeight > scroller.clientHeight + 1 &&
+           /(auto|scroll)/.test(getComputedStyle(scroller).overflowY))) scroller = scroller.parentElement;
+    if (scroller === document.body) scroller = null;
+    const found = new Map();
+    const grab = () => {
+      const origin = scroller ? scroller.getBoundingClientRect().top - scroller.scrollTop : 0;
+      for (const el of panel.querySelectorAll(rowSelector)) {
+        const row = read(el);
+        const key = JSON.stringify(row);
+        if (!found.has(key)) found.set(key, { top: el.getBoundingClientRect().top - origin, row });
+      }
+    };
+    const settle = () => new Promise((r) => setTimeout(r, 200));
+    grab();
+    if (scroller) {
+      for (let i = 0; i < 500; i++) {
+        const before = scroller.scrollTop;
+        scroller.scrollTop = before + Math.max(40, scroller.clientHeight / 2);
+        await settle();
+        grab();
+        if (scroller.scrollTop === before) break;
+      }
+      scroller.scrollTop = 0;
+      await settle();
+    }
+    return [...found.values()].sort((a, b) => a.top - b.top).map((f) => f.row);
+  }, { panelSelector, kind });
+}
+
+// The Queue side panel of frontends up to 1.2x: its sidebar button opens it.
+async function queueSidePanel() {
+  const button = page.locator(".queue-tab-button");
+  const panel = page.locator(".comfy-vue-side-bar-container");
+  await button.click();
+  await panel.waitFor({ state: "visible", timeout: 10000 });
+  await page.waitForFunction(() => document.querySelector(".comfy-vue-side-bar-container .task-item"), null,
+                             { timeout: 15000 }).catch(() => {});
+  await page.waitForTimeout(500);
+  const rows = await panelRows(".comfy-vue-side-bar-container", "queue");
+  const title = await panel.locator(".comfy-vue-side-bar-header").innerText();
+  await shot("queue-panel");
+  await button.click();
+  await panel.waitFor({ state: "hidden", timeout: 10000 });
+  return { panel: "queue", title, rows };
+}
+
+// Later frontends: the job queue floats under the "N active" button; its menu docks it as the Job History side
+// panel, which then has a sidebar button of its own (the setting Comfy.Queue.QPOV2; it stays docked).
+async function jobHistorySidePanel(runs) {
+  const overlay = page.locator('[data-testid="queue-progress-overlay"]');
+  const more = overlay.locator('[aria-label="More options"]');
+  for (let tries = 0; !(await more.isVisible()) && tries < 3; tries++) { // it may also be opening by itself
+    await page.locator('[data-testid="queue-overlay-toggle"]').click();
+    await more.waitFor({ state: "visible", timeout: 3000 }).catch(() => {});
+  }
+  await more.waitFor({ state: "visible", timeout: 10000 });
+  const listed = (selector) => page.waitForFunction(({ selector, n }) =>
+    document.querySelectorAll(`${selector} [data-job-id]`).length >= n, { selector, n: runs }, { timeout: 10000 })
+    .catch(() => {}); // (none come where the host lacks /api/jobs)
+  await listed('[data-testid="queue-progress-overlay"]');
+  const floating = await panelRows('[data-testid="queue-progress-overlay"]', "job");
+  await shot("queue-overlay");
+  await more.click();
+  await page.locator('[data-testid="docked-job-history-action"], [role^="menuitem"]')
+    .filter({ hasText: /docked job history/i }).first().click();
+  const panel = page.locator('[data-testid="job-history-sidebar"]');
+  const button = page.locator('.job-history-tab-button, [data-testid="job-history-tab-button"]');
+  await panel.waitFor({ state: "visible", timeout: 10000 });
+  await button.click(); // docking opened it: the sidebar button closes it, and opens it again
+  await panel.waitFor({ state: "hidden", timeout: 10000 });
+  await button.click();
+  await panel.waitFor({ state: "visible", timeout: 10000 });
+  await listed('[data-testid="job-history-sidebar"]');
+  await page.waitForTimeout(500);
+  const rows = await panelRows('[data-testid="job-history-sidebar"]', "job");
+  const text = await panel.innerText();
+  await shot("queue-panel");
+  await button.click();
+  await panel.waitFor({ state: "hidden", timeout: 10000 });
+  return { panel: "job-history", title: text.split("\n")[0], text, floating, rows };
+}
+
 function generatorId(workflow) {
   return workflow.nodes.find((n) => n.type === "LLMGAPromptGenerator")?.id ?? null;
 }
@@ -177,6 +290,19 @@ try {
     }
     writeFileSync(reportPath, JSON.stringify(report, null, 2));
   }
+
+  // 1b. the queue / job history side panel, opened from the sidebar, lists the runs of step 1 (the server's
+  // history and job list at that moment are recorded beside it)
+  await check("queue_panel", async () => {
+    const runs = Object.values(report.workflows).filter((w) => w.prompt_id).length;
+    const legacy = (await page.locator(".queue-tab-button").count()) > 0;
+    const result = legacy ? await queueSidePanel() : await jobHistorySidePanel(runs);
+    const history = await fetch(`${config.server}/history`).then((r) => r.json());
+    const jobs = await fetch(`${config.server}/api/jobs?status=completed,failed,cancelled`);
+    return { ...result, requests: { ...listRequests }, server: {
+      history: Object.keys(history), jobs_status: jobs.status,
+      jobs: jobs.ok ? (await jobs.json()).jobs.map((j) => j.id) : null } };
+  });
 
   const stream = config.stream;
   const streamWorkflow = JSON.parse(readFileSync(stream.path, "utf8"));
