@@ -133,7 +133,8 @@ class Reference:
         return [self.tokenizers.encode(self.folder, chunk) for chunk in prompt.split("<image>")]
 
     @torch.no_grad()
-    def embeddings(self, prompt: str, image: Image.Image | None) -> torch.Tensor:
+    def embeddings(self, prompt: str, image: Image.Image | None, half_pixels: bool = True) -> torch.Tensor:
+        """The input sequence; half_pixels=False feeds the tower unrounded pixels (not the original's rule)."""
         embed = self.lm.get_input_embeddings()
         chunks = self.chunk_ids(prompt)
         bos = self.bos
@@ -144,7 +145,9 @@ class Reference:
         if first and first[0] == bos:  # BOS kept once, dropped from the later chunk
             second = second[1:] if second and second[0] == bos else second
         side = max(image.size)
+        # llmga/serve/cli.py: image_tensor = ...preprocess(image, return_tensors='pt')['pixel_values'].half()
         pixels = clip_pixels_441(image.resize((side, side), Image.LANCZOS))
+        pixels = pixels.half().float() if half_pixels else pixels
         hidden = self.vision(pixel_values=pixels, output_hidden_states=True).hidden_states
         features = hidden[len(hidden) - 2][0, 1:]
         p = self.projector

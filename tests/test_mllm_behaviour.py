@@ -237,18 +237,59 @@ def test_bad_input_is_refused_with_one_sentence(qwen, kwargs, error, message):
     assert str(info.value).startswith(message)
 
 
-def test_half_precision_feeds_clip_float16_rounded_pixels(root):
-    """Quirk 9: the CLIs pass `.half()` pixels to the float32 tower."""
-    mllm = load_mllm(root / RELEASED_NAMES["llama3"], dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+def test_every_precision_feeds_clip_float16_rounded_pixels(root, dtype):
+    """Quirk 9: the CLIs pass `.half()` pixels to the float32 tower, whatever the LLM's dtype."""
+    mllm = load_mllm(root / RELEASED_NAMES["llama3"], dtype=dtype)
     pixels = clip_pixels_441(stretched(photo()))
     features = mllm._image_features(pixels)
     with torch.no_grad():
         hidden = mllm.model.vision_tower(pixel_values=pixels.half().float(), output_hidden_states=True).hidden_states
-        expected = mllm.model.mm_projector(hidden[-2][:, 1:].to(torch.bfloat16))[0]
+        expected = mllm.model.mm_projector(hidden[-2][:, 1:].to(dtype))[0]
         unrounded = mllm.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
     assert torch.equal(features, expected)
     assert not torch.equal(hidden[-2], unrounded[-2])
     assert len(mllm.generate("", task="similar-image", image=photo(), max_new_tokens=3).token_ids) == 3
+
+
+def test_a_near_tie_is_decided_as_with_the_originals_float16_pixels(root, original_tokenizers, tmp_path):
+    """Quirk 9 where it decides the answer. The LM head of a copy of the tiny Llama-3 is rewritten (from the
+    reference's hidden states, not the pack's) so that two tokens lead every other by far and the float16 rounding
+    of the pixels alone decides between them: token A with the CLIs' `.half()` pixels, token B with unrounded
+    ones. The pack, loaded in float32, answers A."""
+    from safetensors.torch import load_file, save_file
+
+    source, tower = root / RELEASED_NAMES["llama3"], root / "clip-vit-large-patch14-336"
+    folder = tmp_path / source.name
+    shutil.copytree(source, folder)
+    image = photo()
+    reference = Reference(folder, tower, "llama3", original_tokenizers)
+    prompt = literal_prompt("llama3", [("<image>\nGenerate a similar image.", None)])
+    with torch.no_grad():
+        rounded, unrounded = (reference.lm.model(inputs_embeds=reference.embeddings(prompt, image, half)[None])
+                              .last_hidden_state[0, -1].double() for half in (True, False))
+    moved = rounded - unrounded
+    assert moved.abs().max() > 0  # the rounding reaches the answer's first position
+    # v·rounded = -v·unrounded > 0: logit A - logit B changes sign between the two pixel rules
+    both = rounded + unrounded
+    v = moved - (moved @ both) / (rounded @ both) * rounded
+    v = v if v @ rounded > 0 else -v
+    state = load_file(str(folder / "model.safetensors"))
+    head = state["lm_head.weight"].double()
+    token_a, token_b = 100, 101
+    lead = (head @ rounded).abs().max() + (head @ unrounded).abs().max() + 50.0  # far above every other token
+    head[token_b] = lead * rounded / (rounded @ rounded)
+    head[token_a] = head[token_b] + v / (v @ rounded)  # +1 at the rounded state, -1 at the unrounded one
+    state["lm_head.weight"] = head.to(state["lm_head.weight"].dtype)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    reference = Reference(folder, tower, "llama3", original_tokenizers)
+    with torch.no_grad():
+        unrounded_choice = int(reference.lm(inputs_embeds=reference.embeddings(prompt, image, False)[None])
+                               .logits[0, -1].argmax())
+    assert reference.greedy(prompt, image, 1) == [token_a] and unrounded_choice == token_b
+    mllm = load_mllm(folder, vision_tower=tower, dtype=torch.float32)
+    assert mllm.generate("", task="similar-image", image=image, max_new_tokens=1).token_ids == [token_a]
 
 
 def test_repetition_penalty_applies_in_greedy_decoding_to_generated_ids_only(root, qwen, original_tokenizers):

@@ -43,8 +43,9 @@ QUIRKS = (
     "Generation stops only at generation_config.json's eos ids or max_new_tokens (Gemma runs to <eos>); its "
     "repetition_penalty applies in greedy decoding, over the generated ids only.",
     "Sampling uses the folder's top_k (50 when unset) and top_p, as transformers 4.41 did.",
-    "CLIP runs in float32 with eager attention on pixels rounded through float16 when the LLM runs in 16 bits; "
-    "features of hidden_states[-2] without CLS, projector in the LLM dtype.",
+    "CLIP runs in float32 with eager attention on pixels rounded through float16 whatever the LLM's dtype (the CLIs "
+    "send preprocess(...)['pixel_values'].half()); features of hidden_states[-2] without CLS, projector in the LLM "
+    "dtype.",
     "Image stretched to a max(w, h) square with LANCZOS (not padded); CLIPImageProcessor (PIL) pixels; inpainting/"
     "outpainting holes (mask >= 125/255) blacked at the original resolution first; editing centre-crops to 512x512.",
     "Each chunk around <image> tokenized separately (BOS kept once), features spliced at -200.",
@@ -385,10 +386,9 @@ class LLMGAMLLM:
         """576×H projected features (LLaVA encode_images) in the LLM dtype."""
         tower = self.model.vision_tower
         tower_param = next(tower.parameters())
-        pixels = pixel_values
-        if self.dtype != torch.float32:
-            pixels = pixels.to(torch.float16)  # the CLIs send `.half()` pixels to the float32 tower
-        pixels = pixels.to(device=tower_param.device, dtype=tower_param.dtype)
+        # the CLIs (llmga/serve/cli.py) send `.half()` pixels to the tower in every precision: near a logit tie
+        # the rounding decides the token, so a float32 load rounds them too
+        pixels = pixel_values.to(torch.float16).to(device=tower_param.device, dtype=tower_param.dtype)
         outputs = tower(pixel_values=pixels, output_hidden_states=True)
         features = outputs.hidden_states[self._select_layer]
         if self._select_feature == "patch":
