@@ -3,7 +3,7 @@
     python -m llmga_core.downloads llmga-Qwen2-0.5B-full-finetune --models-dir ComfyUI/models
 
 Nothing here runs unless asked: listing models never touches the network. What it does:
-- a catalogue of the releases (reference/mllm.md §1, long_prompt_and_unet.md §4): the name the loaders list,
+- a catalogue of the releases (LLMGA's README model links): the name the loaders list,
   the Hub repository, and the models/ subfolder it goes in;
 - only the files the loaders read are fetched: configs, tokenizer files and one set of weights (safetensors
   before .bin duplicates, the fp16 variant of an SD component before its full-precision copy, as the
@@ -80,7 +80,7 @@ def _mllm(name: str) -> Release:
     return Release(name, "mllm", f"binxia/{name}")
 
 
-# reference/mllm.md §1 (MLLMs, English and Chinese; vision tower), long_prompt_and_unet.md §4 (SD), diffrir.md §1
+# LLMGA's README model links (MLLMs, English and Chinese; vision tower; SD), DiffRIR's README
 RELEASES: dict[str, Release] = {r.name: r for r in [
     _mllm("llmga-vicuna-7b-v1.5-full-finetune"),
     _mllm("llmga-llama-2-7b-chat-full-finetune"),
@@ -100,7 +100,7 @@ RELEASES: dict[str, Release] = {r.name: r for r in [
     Release("llmga-sdxl-t2i", "sd", "binxia/llmga-sdxl-t2i"),
     Release("llmga-sd15-inpainting-v2", "sd", "binxia/llmga-sd15-inpainting-v2"),
     Release("llmga-sdxl-inpainting-v2", "sd", "binxia/llmga-sdxl-inpainting-v2"),
-    # released on Google Drive only, file names unknown (diffrir.md §1): a Hub mirror can be named with repo_id
+    # released on Google Drive only, file names unknown (DiffRIR's README): a Hub mirror can be named with repo_id
     Release("DiffRIR", "diffrir", None, "x1, x2 and x4 weights, on Google Drive (github.com/Zj-BinXia/DiffRIR)"),
     # the VAE the original's editing CLI swaps in (stabilityai/sd-vae-ft-mse) as the single file ComfyUI loads
     Release("vae-ft-mse-840000-ema-pruned.safetensors", "vae", "stabilityai/sd-vae-ft-mse-original",

@@ -129,7 +129,7 @@ def parse_prompt_attention(text: str) -> list[list]:
 
 @dataclass(frozen=True)
 class EncodingRecipe:
-    """LLMGA's encoding choices for one pipeline and layout (reference: long_prompt_and_unet.md §0)."""
+    """LLMGA's encoding choices for one pipeline and layout."""
 
     pipeline: str
     layout: str

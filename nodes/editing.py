@@ -81,7 +81,7 @@ def inversion_chunk(clip, text: str) -> torch.Tensor:
 
 
 def edit_embeddings(clip, source_prompt: str, target_prompt: str, notes: list[str]) -> editing.EditEmbeds:
-    """The six encodings of an edit, per phase as the original (reference/editing.md §9.7)."""
+    """The six encodings of an edit, per phase as the original (llmga/serve/cli-sd15-editing.py)."""
     if clip_family(clip) != "sd15":
         raise ValueError("LLMGA Edit needs the SD1.5 CLIP (CLIP-L) of LLMGA's SD1.5 checkpoint; connect the "
                          "checkpoint loader's CLIP.")

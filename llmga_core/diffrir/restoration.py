@@ -229,7 +229,7 @@ def _restore_one(net, generated, reference, regenerated, noise, device, dtype, t
     return sr.clamp(0, 1).to(reference.device, reference.dtype)
 
 
-# Measured on CPU, float32 (bench/bench_diffrir.py; reference/diffrir.md §5): a whole-image
+# Measured on CPU, float32 (bench/bench_diffrir.py): a whole-image
 # forward peaks at 1.3–1.7 GB per output megapixel; the streamed scheme keeps about 0.14 GB per
 # output megapixel resident plus scratch proportional to the tile (0.64 GB for 512² tiles, about
 # 2.4 GB per tile megapixel). GPUs add allocator and cuDNN overhead, hence the margins.

@@ -2,7 +2,7 @@
 
 Every convolution is computed on a tile plus the halo it needs; the global statistics (CPEN's mean
 over the image, each attention layer's channel Gram matrix and norms) are accumulated over all tiles
-before they are used, so tiling changes nothing but memory (reference/diffrir.md §5). TiledRun is the
+before they are used, so tiling changes nothing but memory. TiledRun is the
 runner DIRformer.forward calls instead of network.WholeImage.
 """
 from __future__ import annotations

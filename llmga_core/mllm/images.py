@@ -4,7 +4,7 @@ Ports the image handling of LLMGA: llmga/serve/cli.py (stretch to a max(w, h) sq
 cli-sd15-inpainting.py `read_image` (mask ≥ 125 → hole, holes black at the original resolution) and
 cli-sd15-editing.py `crop_image` (centre crop to a square, 512×512 with PIL's default filter). The
 pixel values come from `CLIPImageProcessorPil` (transformers 5), which gives the same numbers as the
-PIL-based CLIPImageProcessor of transformers 4.41 the original ran (reference/mllm.md §12).
+PIL-based CLIPImageProcessor of transformers 4.41 the original ran.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The original (LLMGA: llmga/llava/model/builder.py) loads the tokenizer with transformers 4.41: the slow,
 SentencePiece-backed `LlamaTokenizer` (`use_fast=False`) for the LlavaLlama families Vicuna and Llama-2, and a
 fast, `tokenizers`-backed class for every other family (Llama-3 has only a fast class). Current transformers
-rebuilds both kinds differently (reference/mllm.md §12, §13), which changes the text stored in a conversation
+rebuilds both kinds differently, which changes the text stored in a conversation
 and so every later turn. This module therefore does not go through transformers' tokenizer classes at all; it
 reproduces the two 4.41 behaviours with the libraries underneath them:
 
