@@ -9,7 +9,7 @@
 #                       the project as ../shared/host/README.md asks; never committed)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-shared=${LLMGA_SHARED_DIR:-$root/../shared}
+. "$root/.ci/shared_dir.sh"
 version=${LLMGA_HOST_VERSION:-0.33.0}
 tarball="$shared/host/ComfyUI-$version.tar.gz"
 if [ ! -f "$tarball" ]; then

@@ -24,7 +24,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/llmga-comfyui
-shared=${LLMGA_SHARED_DIR:-$root/../shared}
+. "$root/.ci/shared_dir.sh"
 venv=${1:-${LLMGA_LIB_VENV:-}}
 torch_spec=${2:-${LLMGA_TORCH:-}}
 transformers_spec=${3:-${LLMGA_TRANSFORMERS:-}}
