@@ -14,6 +14,9 @@ final embedding is pure (functions over a tokenizer and tensors); the CLIP forwa
 callable, `ChunkEncoder`, that encodes a list of 77-id chunks. `encode_prompt` plugs in
 transformers text models; the ComfyUI node plugs in the host's CLIP object so that its clip-skip
 and LoRA patches apply.
+
+Text becomes ids as LLMGA's own CLIP tokenizer made them (transformers 4's slow CLIPTokenizer without ftfy,
+see `clip_token_ids`), whatever tokenizer the host has; only the BPE of each word is the host's.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
+import regex
 import torch
 
 CHUNK_LENGTH = 77            # CLIP positions: BOS + 75 tokens + EOS
@@ -38,10 +42,10 @@ class PromptTruncatedWarning(UserWarning):
 
 
 class PromptCharactersDroppedWarning(UserWarning):
-    """The CLIP tokenizer turns some characters of a prompt into no token at all, so the text encoder never
-    sees them (transformers 4's CLIPTokenizer without ftfy drops control and format characters such as
-    U+200B, private-use and unassigned code points and U+FFFD; Chinese and every other script is kept, as
-    UTF-8 byte pieces)."""
+    """LLMGA's CLIP tokenizer (transformers 4's CLIPTokenizer without ftfy) turns some characters of a prompt into
+    no token at all, so the text encoder never sees them: NUL, U+FFFD and every control, format (U+200B, U+00AD,
+    bidi marks), surrogate, private-use or unassigned character except tab, LF and CR. The pack drops the same ones
+    (`is_dropped_character`); every other script is kept, as UTF-8 byte pieces."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,23 +199,124 @@ def tokenizer_spec(tokenizer, pad: int | None = None) -> TokenizerSpec:
     return TokenizerSpec(tokenizer, int(tokenizer.bos_token_id), int(tokenizer.eos_token_id), int(pad))
 
 
-def _text_ids(tokenizer, text: str) -> list[int]:
-    # verbose=False: long texts are expected here, so no "longer than 77" notice.
-    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+# --------------------------------------------------------------------------------------------
+# The original's CLIP tokenization
+# --------------------------------------------------------------------------------------------
+# LLMGA's pipelines run transformers 4's slow CLIPTokenizer (LLMGA: requirements.txt pins transformers 4.37.2 and
+# lists no ftfy). Without ftfy it (transformers: models/clip/tokenization_clip.py, tokenization_utils.py):
+# 1. splits the text at its special tokens (BOS, EOS and the pad token: "!" for SDXL's tokenizer_2), each one id;
+# 2. cleans every other piece with BasicTokenizer(strip_accents=False, do_split_on_punc=False): drops NUL, U+FFFD
+#    and category C* except tab/LF/CR, turns tab/LF/CR and Zs into spaces, puts spaces around CJK ideographs,
+#    NFC, splits on whitespace, lower-cases each word (accents kept, punctuation not split);
+# 3. cuts the words joined by spaces with its pattern `pat` and byte-level BPEs each match.
+# transformers 5's CLIPTokenizer does only NFC, whitespace and lower-casing, so steps 1-3 are done here and only
+# the BPE of each match is the host tokenizer's.
+
+_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+               (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))   # BasicTokenizer._is_chinese_char
+
+# CLIPTokenizer.pat, compiled with the `regex` module and IGNORECASE as there ("'ſ" is a "'s" match).
+_CLIP_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE)
+
+# CLIP's special tokens by id, for tokenizers that cannot say (ids of CLIP's vocabulary)
+_CLIP_SPECIAL_TEXT = {49406: "<|startoftext|>", 49407: "<|endoftext|>", 0: "!"}
 
 
-def tokenize_prompt(text: str, tokenizer, recipe: EncodingRecipe) -> tuple[list[int], list[float] | None]:
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte alphabet, which CLIP's BPE vocabulary is written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = (b for b in range(256) if b not in printable)
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+_BYTE_TO_UNICODE = _bytes_to_unicode()
+
+
+def is_dropped_character(char: str) -> bool:
+    """Whether the original's CLIP tokenizer drops `char` (BasicTokenizer._clean_text): NUL, U+FFFD and every
+    category C* character (control, format, surrogate, private use, unassigned) except tab, LF and CR."""
+    return char in "\x00\ufffd" or (unicodedata.category(char)[0] == "C" and char not in "\t\n\r")
+
+
+def clean_clip_text(text: str) -> str:
+    """`" ".join(BasicTokenizer(strip_accents=False, do_split_on_punc=False).tokenize(text))`, the text that
+    transformers 4's CLIPTokenizer without ftfy cuts into words."""
+    out = []
+    for char in text:
+        if is_dropped_character(char):
+            continue
+        if char in " \t\n\r" or unicodedata.category(char) == "Zs":
+            out.append(" ")
+        elif any(low <= ord(char) <= high for low, high in _CJK_RANGES):
+            out.append(f" {char} ")
+        else:
+            out.append(char)
+    return " ".join(word.lower() for word in unicodedata.normalize("NFC", "".join(out)).split())
+
+
+def _special_texts(spec: TokenizerSpec) -> dict[str, int]:
+    convert = getattr(spec.tokenizer, "convert_ids_to_tokens", None)
+    out = {}
+    for token_id in dict.fromkeys((spec.bos, spec.eos, spec.pad)):
+        text = convert(token_id) if callable(convert) else _CLIP_SPECIAL_TEXT.get(token_id)
+        if text:
+            out[text] = token_id
+    return out
+
+
+def _bpe_ids(tokenizer, words: list[str]) -> dict[str, list[int]]:
+    """Each word's ids from the tokenizer's own byte-level BPE (no normalisation or splitting of its own)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    if model is not None and hasattr(model, "end_of_word_suffix"):            # tokenizers' BPE (fast tokenizers)
+        return {w: [t.id for t in model.tokenize("".join(_BYTE_TO_UNICODE[b] for b in w.encode("utf-8")))]
+                for w in words}
+    if callable(getattr(tokenizer, "bpe", None)) and hasattr(tokenizer, "byte_encoder"):   # transformers 4 slow
+        return {w: tokenizer.convert_tokens_to_ids(
+                    tokenizer.bpe("".join(tokenizer.byte_encoder[b] for b in w.encode("utf-8"))).split(" "))
+                for w in words}
+    # any other tokenizer: each word on its own, which its own pattern keeps whole
+    rows = tokenizer(words, add_special_tokens=False)["input_ids"] if words else []
+    return {w: list(row) for w, row in zip(words, rows)}
+
+
+def clip_token_ids(text: str, spec: TokenizerSpec) -> list[int]:
+    """The ids (no BOS/EOS) that LLMGA's CLIP tokenizer, transformers 4's slow CLIPTokenizer without ftfy, gives
+    `text`, over the vocabulary of `spec.tokenizer` (see the steps above). For English text these are the ids
+    every CLIP tokenizer gives; for other text they differ from transformers 5's (CJK ideographs are words of
+    their own, C* characters are dropped, and SDXL's tokenizer_2, whose pad token is "!", makes every "!" id 0)."""
+    specials = _special_texts(spec)
+    pieces = regex.split("(" + "|".join(regex.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")",
+                         text) if specials else [text]
+    items: list[int | str] = []
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            items.append(specials[piece])
+            continue
+        for word in _CLIP_PATTERN.findall(clean_clip_text(piece)):
+            # BPE's cache hands these two back whole: the special ids
+            items.append({"<|startoftext|>": spec.bos, "<|endoftext|>": spec.eos}.get(word, word))
+    bpe = _bpe_ids(spec.tokenizer, list(dict.fromkeys(w for w in items if isinstance(w, str))))
+    return [i for item in items for i in ([item] if isinstance(item, int) else bpe[item])]
+
+
+def tokenize_prompt(text: str, spec: TokenizerSpec, recipe: EncodingRecipe) -> tuple[list[int], list[float] | None]:
     """All content ids of `text` (no BOS/EOS, not yet capped) and, with weight parsing, their weights.
 
     With parsing (SD1.5 inference) every attention run is tokenized on its own, as lpw does;
-    without it the whole text is tokenized at once, as LLMGA's get_text_index does.
+    without it the whole text is tokenized at once, as LLMGA's get_text_index does. `spec` may also be
+    a bare tokenizer (its own special ids).
     """
+    if not isinstance(spec, TokenizerSpec):
+        spec = tokenizer_spec(spec)
     if not recipe.parse_weights:
-        return _text_ids(tokenizer, text), None
+        return clip_token_ids(text, spec), None
     ids: list[int] = []
     weights: list[float] = []
     for run, weight in parse_prompt_attention(text):
-        run_ids = _text_ids(tokenizer, run)
+        run_ids = clip_token_ids(run, spec)
         ids += run_ids
         weights += [weight] * len(run_ids)
     return ids, weights
@@ -220,7 +325,7 @@ def tokenize_prompt(text: str, tokenizer, recipe: EncodingRecipe) -> tuple[list[
 def plain_chunk_ids(text: str, spec: TokenizerSpec) -> list[int]:
     """A plain diffusers tokenizer call padded to 77 and sliced to 77 (the editing inversion's source):
     BOS, ids, EOS, pad…, or BOS and the first 76 ids with no EOS when longer; brackets are literal."""
-    ids = [spec.bos, *_text_ids(spec.tokenizer, text), spec.eos][:CHUNK_LENGTH]
+    ids = [spec.bos, *clip_token_ids(text, spec), spec.eos][:CHUNK_LENGTH]
     return ids + [spec.pad] * (CHUNK_LENGTH - len(ids))
 
 
@@ -268,24 +373,13 @@ def _warn_truncated(what: str, token_count: int, kept: int, recipe: EncodingReci
     return message
 
 
-def dropped_characters(text: str, tokenizer) -> list[str]:
-    """The characters of `text`, in order of first appearance, that `tokenizer` turns into no token at all.
-
-    Whitespace only separates words and is not counted. A character that gives no token on its own but changes
-    its neighbours' tokens (a combining mark that composes) is not dropped, so each one found alone is kept only
-    if taking it out of the text leaves the text's ids as they are.
+def dropped_characters(text: str, tokenizer=None) -> list[str]:
+    """The characters of `text`, in order of first appearance, that LLMGA's CLIP tokenizer (transformers 4's
+    CLIPTokenizer without ftfy) turns into no token, and so does this encoder: see `is_dropped_character`.
+    Whitespace only separates words and is not counted. `tokenizer` is not needed (the rule is the original's
+    whatever tokenizer the host has) and is accepted for callers that pass one.
     """
-    candidates = [c for c in dict.fromkeys(text) if not c.isspace()]
-    if not candidates:
-        return []
-    alone = tokenizer(candidates, add_special_tokens=False, verbose=False)["input_ids"]
-    silent = [c for c, ids in zip(candidates, alone) if not ids]
-    if not silent:
-        return []
-    ids = _text_ids(tokenizer, text)
-    if _text_ids(tokenizer, "".join(c for c in text if c not in silent)) == ids:
-        return silent
-    return [c for c in silent if _text_ids(tokenizer, text.replace(c, "")) == ids]
+    return [c for c in dict.fromkeys(text) if is_dropped_character(c)]
 
 
 def _describe_characters(text: str, characters: list[str], limit: int = 6) -> str:
@@ -329,15 +423,15 @@ def plan_prompts(prompt: str, negative_prompt: str | None, *, tokenizers: dict[s
 
     tokenized: dict[str, dict[str, tuple[list[int], list[float] | None]]] = {}
     for what, text in texts.items():
-        tokenized[what] = {key: tokenize_prompt(text, tokenizers[key].tokenizer, recipe)
-                           for key in recipe.encoders}
+        tokenized[what] = {key: tokenize_prompt(text, tokenizers[key], recipe) for key in recipe.encoders}
         # what reaches the tokenizer: with weight parsing the runs, without their brackets
         seen = "".join(run for run, _ in parse_prompt_attention(text)) if recipe.parse_weights else text
-        dropped = list(dict.fromkeys(c for key in recipe.encoders
-                                     for c in dropped_characters(seen, tokenizers[key].tokenizer)))
+        dropped = dropped_characters(seen)
         if dropped:
             _warn_dropped(what, seen, dropped)
 
+    # SDXL: tokenizer_2 makes every "!" its own id, so its count can exceed CLIP-L's; where that changes the chunk
+    # count the original's torch.concat of the two encoders fails, and here both get the larger count.
     def kept_length(what: str) -> int:
         return min(recipe.max_tokens, max(len(ids) for ids, _ in tokenized[what].values()))
 

@@ -57,7 +57,8 @@ def resolve_pipeline(clip, pipeline: str) -> str:
 
 def host_tokenizer_specs(clip, encoders) -> dict[str, TokenizerSpec]:
     """The host's own CLIP tokenizers (transformers CLIPTokenizer) with the host's BOS/EOS/pad ids,
-    which are LLMGA's: pad 49407 for CLIP-L, 0 for CLIP-G."""
+    which are LLMGA's: pad 49407 for CLIP-L, 0 ("!") for CLIP-G. The library cleans and splits the text as
+    LLMGA's tokenizer did (llmga_core.long_prompt.clip_token_ids); only the BPE of each word is the host's."""
     specs = {}
     for key in encoders:
         host_tokenizer = getattr(clip.tokenizer, f"clip_{key}")

@@ -26,7 +26,7 @@ from llmga_core.mllm.tokenization import IMAGE_TOKEN_INDEX, tokenizer_image_toke
 from tests.fixtures.tiny_clip import clip_l_tokenizer, host_tokenizer_dir, make_tiny_clip_text_models
 from tests.fixtures.tiny_mllm import (CN_CORPUS, CN_RELEASED_NAMES, RELEASED_NAMES, make_cn_mllm_folder,
                                       make_vision_tower, shared_model_root)
-from tests.long_prompt_reference import lpw_reference
+from tests.long_prompt_reference import lpw_reference, original_clip_tokenizers
 from tests.mllm_reference import Reference, literal_prompt
 from tests.original_folder_names import template_from_model_name
 
@@ -134,8 +134,8 @@ CHINESE_PROMPTS = ["一只红狐狸坐在雪地里，清晨的阳光，细节丰
 
 @pytest.mark.parametrize("text", CHINESE_PROMPTS, ids=["chinese", "mixed"])
 def test_chinese_prompts_reach_clip_as_utf8_byte_pieces(text):
-    """The host's CLIP tokenizer (transformers 5) keeps every character: Chinese ones as the pieces of their UTF-8
-    bytes (2–3 tokens a character), nothing dropped, no warning; the encoder gets those ids."""
+    """Chinese characters reach CLIP as the pieces of their UTF-8 bytes (2–3 tokens a character), as the original's
+    tokenizer splits them (a word of its own each): nothing dropped, no warning."""
     tok = clip_l_tokenizer()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -146,12 +146,14 @@ def test_chinese_prompts_reach_clip_as_utf8_byte_pieces(text):
     assert positive.token_count > len(text.split()) + han  # more than a token per Chinese character
 
 
-def test_a_chinese_prompt_goes_through_the_encoder_as_the_reference():
+def test_a_chinese_prompt_goes_through_the_encoder_as_the_reference(original_tokenizers):
+    """The reference encodes the original's ids (transformers 4.41's slow CLIPTokenizer, no ftfy)."""
     tiny = make_tiny_clip_text_models()
     text = " ".join(CHINESE_PROMPTS * 2)  # 119 characters, 172 tokens: three chunks
     with torch.no_grad():
         ours = encode_prompt(text, tokenizers=[tiny.tokenizer], text_encoders=[tiny.text_encoder], pipeline="sd15")
-    positive, negative, chunks = lpw_reference([(text, 1.0)], [("", 1.0)], tiny.tokenizer, tiny.text_encoder, 3)
+    original, _ = original_clip_tokenizers(original_tokenizers, host_tokenizer_dir(), [text, ""])
+    positive, negative, chunks = lpw_reference([(text, 1.0)], [("", 1.0)], original, tiny.text_encoder, 3)
     assert chunks == 3 and ours["prompt_embeds"].shape[1] == 77 * 3
     torch.testing.assert_close(ours["prompt_embeds"], positive, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours["negative_prompt_embeds"], negative, rtol=0, atol=1e-6)
@@ -199,18 +201,11 @@ def test_characters_the_original_clip_tokenizer_drops_are_named(original_tokeniz
     assert positive.chunks["l"][0][1:1 + positive.token_count] == original(clean, add_special_tokens=False)["input_ids"]
 
 
-def test_the_hosts_clip_tokenizer_keeps_those_characters_or_the_pack_says_which_it_dropped():
-    """transformers 5 gives every one of them a byte piece, so nothing is dropped; transformers 4's CLIP tokenizer
-    drops some, and the encoder says so."""
-    import transformers
-
+def test_the_pack_drops_what_the_original_drops_on_any_transformers(original_tokenizers):
+    """transformers 5's CLIP tokenizer alone would give each of them a byte piece; the pack cleans the text as the
+    original's tokenizer did, on any transformers, and says which characters went."""
     tok = clip_l_tokenizer()
-    if int(transformers.__version__.split(".")[0]) < 5:
-        with pytest.warns(PromptCharactersDroppedWarning):
-            plan_prompts(DIRTY, None, tokenizers={"l": tokenizer_spec(tok)}, recipe=recipe_for("sd15"))
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PromptCharactersDroppedWarning)
+    with pytest.warns(PromptCharactersDroppedWarning):
         positive, _ = plan_prompts(DIRTY, None, tokenizers={"l": tokenizer_spec(tok)}, recipe=recipe_for("sd15"))
-    ids = [i for i in positive.chunks["l"][0][1:-1] if i != 49407]
-    assert _utf8_of_ids(ids) == re.sub(r"\s+", "", DIRTY.lower()).encode("utf-8")
+    original = OriginalClipTokenizer(original_tokenizers)
+    assert positive.chunks["l"][0][1:1 + positive.token_count] == original(DIRTY, add_special_tokens=False)["input_ids"]

@@ -7,15 +7,23 @@ LLMGA's code is structured: one flat 75·n+2 id row, windows cut out of it, one 
 from __future__ import annotations
 
 import math
+import random
+import re
+import string
+import time
+import warnings
 
 import pytest
 import torch
 
-from llmga_core.long_prompt import (PromptTruncatedWarning, encode_prompt, parse_prompt_attention, plan_prompts,
+from llmga_core.long_prompt import (PromptCharactersDroppedWarning, PromptTruncatedWarning, clip_token_ids,
+                                    dropped_characters, encode_prompt, parse_prompt_attention, plan_prompts,
                                     recipe_for, tokenizer_spec)
-from tests.fixtures.tiny_clip import clip_g_tokenizer, clip_l_tokenizer, make_tiny_clip_text_models
-from tests.long_prompt_reference import (BOS, EOS, close, content_ids, long_weighted, lpw_reference, sdxl_reference,
-                                         training_reference, words)
+from tests.fixtures.tiny_clip import (clip_g_tokenizer, clip_l_tokenizer, host_tokenizer_dir,
+                                      make_tiny_clip_text_models)
+from tests.long_prompt_reference import (BOS, EOS, close, content_ids, fuzz_text, fuzz_weighted, long_weighted,
+                                         lpw_reference, original_clip_tokenizers, sdxl_reference, training_reference,
+                                         words)
 
 CAT = 2368          # "cat</w>"
 
@@ -388,3 +396,129 @@ def test_embeds_drive_a_diffusers_pipeline(tiny):
     assert embeds["negative_prompt_embeds"].shape == embeds["prompt_embeds"].shape == (1, 152, 64)
     latents = pipe(**embeds, num_inference_steps=1, height=32, width=32, output_type="latent").images
     assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-English text: ids of the original's CLIP tokenizer (transformers 4.41, slow, no ftfy; tests/oracles)
+# ------------------------------------------------------------------------------------------------
+
+FUZZ_SEED = 19
+
+
+def _layout(ids, n, pad):
+    """LLMGA's windows of one encoder's ids (reference §1.2 step 4, §2.1): BOS, 75 ids or pads, EOS."""
+    body = ids + [pad] * (75 * n - len(ids))
+    return [[BOS, *body[75 * i:75 * i + 75], EOS] for i in range(n)]
+
+
+def _dropped_message_codes(caught):
+    messages = [str(w.message) for w in caught if issubclass(w.category, PromptCharactersDroppedWarning)]
+    assert len(messages) <= 1, messages
+    return re.findall(r"U\+([0-9A-F]{4,6}) ", messages[0]) if messages else []
+
+
+def test_fuzzed_non_english_prompts_get_the_original_clip_tokenizers_ids(original_tokenizers, tok_l, tok_g):
+    """Seeded prompts of Chinese, Japanese, Korean, emoji, control and zero-width characters, accents, punctuation
+    and special-token text, plus A1111 bracket prompts: every id equals the original's CLIPTokenizer on the host's
+    vocabulary, CLIP-L (pad <|endoftext|>) and SDXL's tokenizer_2 (pad "!"), laid out as LLMGA lays them out; the
+    dropped-characters note names exactly what the original drops."""
+    started = time.perf_counter()
+    rng = random.Random(FUZZ_SEED)
+    raw = [fuzz_text(rng) for _ in range(300)] + [fuzz_text(rng, 200) for _ in range(20)]   # some over 300 tokens
+    weighted = [fuzz_weighted(rng) for _ in range(180)]
+    chars = sorted({c for text in raw + [t for t, _ in weighted] for c in text})
+    probes = chars + ["a" + c + "b" for c in chars] + ["ab"]
+    run_texts = [run for _, runs in weighted for run, _ in runs]
+    orig_l, orig_g = original_clip_tokenizers(original_tokenizers, host_tokenizer_dir(), raw + run_texts + probes)
+
+    def original_ids(tok, text):
+        return tok(text).input_ids[1:-1]
+
+    # what the original drops: no token alone, and "a<c>b" reads as "ab" (whitespace would give "a b")
+    dropped = {c for c in chars if not original_ids(orig_l, c) and original_ids(orig_l, "a" + c + "b")
+               == original_ids(orig_l, "ab")}
+    spec_l, spec_g = tokenizer_spec(tok_l), tokenizer_spec(tok_g)
+    sdxl, sd15 = recipe_for("sdxl"), recipe_for("sd15")
+    compared = equal = texts = 0
+    count_mismatch, mismatches = 0, []
+
+    def check(label, text, got, want):
+        nonlocal compared
+        compared += len(want)
+        if got != want:
+            mismatches.append((label, text, got, want))
+        return got == want
+
+    for text in raw:
+        texts += 1
+        ids_l, ids_g = original_ids(orig_l, text), original_ids(orig_g, text)
+        ok = check("CLIP-L ids", text, clip_token_ids(text, spec_l), ids_l)
+        ok &= check("tokenizer_2 ids", text, clip_token_ids(text, spec_g), ids_g)
+        expected_dropped = [c for c in dict.fromkeys(text) if c in dropped]
+        ok &= check("dropped", text, dropped_characters(text), expected_dropped)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plan, _ = plan_prompts(text, None, tokenizers={"l": spec_l, "g": spec_g}, recipe=sdxl)
+        ok &= check("note", text, _dropped_message_codes(caught), [f"{ord(c):04X}" for c in expected_dropped[:6]])
+        # get_text_index per encoder: 300 ids, n = ceil(L/75); different n for the two encoders is a torch.concat
+        # error in the original, so the layout is compared where the original has one
+        n_l, n_g = (max(1, math.ceil(min(len(ids), 300) / 75)) for ids in (ids_l, ids_g))
+        if n_l != n_g:
+            count_mismatch += 1
+        else:
+            ok &= check("sdxl layout", text, plan.chunks, {"l": _layout(ids_l[:300], n_l, EOS),
+                                                            "g": _layout(ids_g[:300], n_g, 0)})
+        equal += ok
+
+    for text, runs in weighted:
+        texts += 1
+        ids, weights = [], []
+        for run, weight in runs:   # lpw: each run tokenized on its own
+            run_ids = original_ids(orig_l, run)
+            ids += run_ids
+            weights += [weight] * len(run_ids)
+        n = max(1, min(3, math.ceil(len(ids) / 75)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan, _ = plan_prompts(text, None, tokenizers={"l": spec_l}, recipe=sd15)
+        ok = check("sd15 ids", text, plan.chunks["l"], _layout(ids[:225], n, EOS))
+        body = weights[:225] + [1.0] * (75 * n - len(weights[:225]))
+        want_weights = [w for i in range(n) for w in [1.0, *body[75 * i:75 * i + 75], 1.0]]
+        ok &= check("sd15 weights", text, plan.weights, want_weights)
+        ok &= check("sd15 count", text, [plan.token_count], [len(ids)])
+        equal += ok
+
+    seconds = time.perf_counter() - started
+    print(f"\nlong-prompt fuzz vs transformers 4.41 CLIPTokenizer (slow, no ftfy), seed {FUZZ_SEED}: {texts} texts "
+          f"({len(raw)} raw x CLIP-L and tokenizer_2, {len(weighted)} A1111 for sd15), {compared} ids compared, "
+          f"{equal}/{texts} texts equal; {len(chars)} characters probed, {len(dropped)} dropped by the original; "
+          f"{count_mismatch} SDXL texts with different CLIP-L/tokenizer_2 chunk counts (the original raises there); "
+          f"{seconds:.1f} s")
+    assert not mismatches, [(label, text, got, want) for label, text, got, want in mismatches[:3]]
+    assert texts >= 400 and equal == texts
+
+
+def test_english_text_keeps_the_tokenizers_own_ids(tok_l, tok_g):
+    """Printable ASCII (letters of both cases, digits, punctuation, spaces, tabs, newlines) gets exactly the ids the
+    tokenizer itself gives, for CLIP-L and for tokenizer_2 (whose "!" is its pad token)."""
+    rng = random.Random(5)
+    alphabet = string.ascii_letters + string.digits + string.punctuation + "    \t\n"
+    texts = [words(rng.randint(0, 90)).title() + " " + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+             for _ in range(200)] + ["don't STOP, it's 4K!!", "a (red:1.3) fox [blurry]", "x\n\ty  z"]
+    for tok in (tok_l, tok_g):
+        spec = tokenizer_spec(tok)
+        for text in texts:
+            assert clip_token_ids(text, spec) == tok(text, add_special_tokens=False, verbose=False)["input_ids"], text
+
+
+def test_a_transformers_4_tokenizer_with_ftfy_gives_the_same_ids():
+    """transformers 4's CLIPTokenizer runs ftfy when it is installed; the encoder uses only its BPE, so the ids stay
+    the original's (which had no ftfy). Runs where the host tokenizer is that slow class."""
+    tok = clip_l_tokenizer()
+    if not hasattr(tok, "fix_text"):
+        pytest.skip("the host's CLIPTokenizer has no ftfy step (transformers 5)")
+    text = "一只红狐狸\u200b ﬁne Ｆｕｌｌｗｉｄｔｈ &amp; Café!"
+    want = clip_token_ids(text, tokenizer_spec(tok))
+    tok.fix_text = lambda t: "fixed " + t.upper()   # what an installed ftfy would get to change
+    assert clip_token_ids(text, tokenizer_spec(tok)) == want
+    assert tok(text, add_special_tokens=False)["input_ids"][:1] != want[:1]

@@ -9,13 +9,16 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
+import random
+import warnings
 
 import pytest
 import torch
 
-from llmga_core.long_prompt import encode_prompt
-from tests.fixtures.tiny_clip import build_host_clip, make_tiny_clip_text_models
-from tests.long_prompt_reference import close, long_weighted, lpw_reference, sdxl_reference, words
+from llmga_core.long_prompt import PromptCharactersDroppedWarning, encode_prompt
+from tests.fixtures.tiny_clip import TinyClip, build_host_clip, host_tokenizer_dir, make_tiny_clip_text_models
+from tests.long_prompt_reference import (close, fuzz_text, fuzz_weighted, long_weighted, lpw_reference,
+                                         original_clip_tokenizers, sdxl_reference, words)
 
 
 @pytest.fixture(scope="module")
@@ -291,3 +294,52 @@ def test_sdxl_samples_with_a_long_positive_and_a_short_negative(llmga_pack, tmp_
     host_guided = (x - samples * pipe.vae.config.scaling_factor) / sigma
     assert samples.shape == (1, 4, 16, 16)
     assert (host_guided - guided).abs().max().item() < 1e-4
+
+
+def test_non_english_prompts_through_the_node_equal_the_library_and_the_original(node, clips, tiny,
+                                                                                 original_tokenizers):
+    """Chinese, Japanese, Korean, emoji, zero-width and control characters, accents and A1111 brackets: the node on
+    the host CLIP gives the library's embeddings, and both equal LLMGA's encoders run on the ids of the original's
+    CLIPTokenizer (transformers 4.41 without ftfy, tests/oracles), not the host tokenizer's."""
+    rng = random.Random(23)
+    weighted = [("一只(红狐狸:1.3)坐在雪地里\u200b, [ぼかし] 눈 속의 여우 🦊\x07 Café ((ΟΔΟΣ))",
+                 [("一只", 1.0), ("红狐狸", 1.3), ("坐在雪地里\u200b, ", 1.0), ("ぼかし", 1 / 1.1),
+                  (" 눈 속의 여우 🦊\x07 Café ", 1.0), ("ΟΔΟΣ", 1.1 * 1.1)])] + [fuzz_weighted(rng) for _ in range(2)]
+    raw = ["一只红狐狸坐在雪地里，清晨的阳光!! 🦊\u200b<|endoftext|> İstanbul e\u0301", fuzz_text(rng),
+           fuzz_text(rng, 80, 60)]
+    runs = [run for _, text_runs in weighted for run, _ in text_runs]
+    orig_l, orig_g = original_clip_tokenizers(original_tokenizers, host_tokenizer_dir(),
+                                              [text for text, _ in weighted] + runs + raw + [""])
+    original = TinyClip(orig_l, orig_g, tiny.text_encoder, tiny.text_encoder_2)
+    assert content_length(orig_l, raw[2]) > 75   # several chunks: the pooled vector comes from the last
+
+    for text, text_runs in weighted:
+        out = node.execute(clip=clips["sd15"], text=text, pipeline="sd15")
+        (pos, _), (neg, _) = out.args[0][0], out.args[1][0]
+        want = quiet_library(tiny, text, "sd15")
+        close(pos, want["prompt_embeds"])
+        close(neg, want["negative_prompt_embeds"])
+        ref_pos, ref_neg, _ = lpw_reference(text_runs, [("", 1.0)], orig_l, tiny.text_encoder, 3)
+        close(pos, ref_pos)
+        close(neg, ref_neg)
+        if "\u200b" in text:   # the note names what the original dropped
+            assert "U+200B (zero width space), U+0007 (unnamed)" in out.ui.as_dict()["text"][0]
+
+    for text in raw:
+        (pos, extra), _ = encode(node, clips["sdxl"], text, pipeline="sdxl")
+        want = quiet_library(tiny, text, "sdxl")
+        close(pos, want["prompt_embeds"])
+        close(extra["pooled_output"], want["pooled_prompt_embeds"])
+        ref_hidden, ref_pooled = sdxl_reference(text, original)
+        close(pos, ref_hidden)
+        close(extra["pooled_output"], ref_pooled)
+
+
+def quiet_library(tiny, text, pipeline):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptCharactersDroppedWarning)
+        return library(tiny, text, "", pipeline)
+
+
+def content_length(tokenizer, text):
+    return len(tokenizer(text).input_ids) - 2

@@ -22,9 +22,11 @@ class OriginalTokenizers:
         self.proc = subprocess.Popen([str(python), str(Path(__file__).with_name("tokenizers_441.py"))],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8")
 
-    def ask(self, folder: Path, use_fast: bool, encode=(), decode=()) -> dict:
+    def ask(self, folder: Path, use_fast: bool, encode=(), decode=(), variants=None) -> dict:
         request = {"folder": str(folder), "use_fast": use_fast, "encode": list(encode),
                    "decode": [list(ids) for ids in decode]}
+        if variants is not None:
+            request["variants"] = list(variants)
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         reply = json.loads(self.proc.stdout.readline())
