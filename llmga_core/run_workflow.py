@@ -40,6 +40,7 @@ RELEASED_REPOS = {
 VISION_TOWER_REPO = "openai/clip-vit-large-patch14-336"
 MODEL_INPUTS = {  # (class_type, input) -> models/ subfolder
     ("LLMGAMLLMLoader", "model_name"): "LLM",
+    ("LLMGARemoteMLLM", "model_name"): "LLM",  # its config and tokenizer
     ("LLMGACheckpointLoader", "model_name"): "diffusers",
     ("DiffRIRLoader", "model_name"): "diffrir",
     ("VAELoader", "vae_name"): "vae",

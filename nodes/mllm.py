@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
 import torch
@@ -16,7 +17,7 @@ import comfy.model_management as mm
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..llmga_core.mllm import TASKS, MLLMInputError, load_mllm
+from ..llmga_core.mllm import TASKS, MLLMInputError, connect_mllm, load_mllm
 from ..llmga_core.mllm.loader import (VisionTowerNotFoundError, find_vision_tower, find_vision_tower_in,
                                      is_vision_tower_folder, recognise)
 from ..llmga_core.mllm.answers import AnswerMemo, answer_id, apply_edit
@@ -60,7 +61,8 @@ class PromptText(ui.PreviewText):
 
 
 class LoadedMLLM:
-    """What flows along an LLMGA_MLLM link: the library model plus the host patcher that owns its memory."""
+    """What flows along an LLMGA_MLLM link: the library model plus the host patcher that owns its memory (None for
+    a served model)."""
 
     def __init__(self, mllm, patcher):
         self.mllm = mllm
@@ -144,6 +146,65 @@ class LLMGAMLLMLoader(io.ComfyNode):
         # plain torch layers: a plain ModelPatcher even with dynamic VRAM on, so SD can push it off (memory.py)
         patcher = model_patcher(mllm.model, load_device, offload_device, size=mllm.size_bytes())
         return io.NodeOutput(LoadedMLLM(mllm, patcher))
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def api_key_from(variable: str) -> str | None:
+    """The key in the environment variable named `variable` ("" = no key). Workflows carry only the name, so a
+    shared workflow never holds the key."""
+    variable = (variable or "").strip()
+    if not variable:
+        return None
+    if not ENV_NAME.match(variable):
+        raise ValueError(f"api_key_env must be the NAME of an environment variable that holds the key (letters, "
+                         f"digits, _), not {'the key itself' if len(variable) > 24 else repr(variable)}; set e.g. "
+                         "LLMGA_MLLM_API_KEY=… before starting ComfyUI and enter LLMGA_MLLM_API_KEY here.")
+    key = os.environ.get(variable)
+    if not key:
+        raise ValueError(f"The environment variable {variable} (api_key_env) is not set in ComfyUI's environment; "
+                         "set it to the server's API key before starting ComfyUI, or clear api_key_env for a server "
+                         "without a key.")
+    return key
+
+
+class LLMGARemoteMLLM(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LLMGARemoteMLLM",
+            display_name="LLMGA Remote MLLM",
+            category="LLMGA/loaders",
+            description="LLMGA's MLLM with its language model served by llama.cpp's llama-server (one server for "
+                        "many ComfyUI workers). Text turns (text-to-image, chat) give the local model's greedy "
+                        "tokens; image tasks need LLMGA MLLM Loader.",
+            inputs=[
+                io.Combo.Input("model_name", options=list_model_dirs(MLLM_FOLDER, "config.json",
+                                                                     skip=is_vision_tower_folder),
+                               tooltip="The released MLLM folder under models/LLM that the server serves (its "
+                                       "config and tokenizer are read here, not its weights)."),
+                io.String.Input("base_url", default="http://127.0.0.1:8080",
+                                tooltip="The llama-server address, serving the GGUF that `python -m llmga_core.export "
+                                        "<folder> --gguf <file>` writes."),
+                io.String.Input("served_model", default="",
+                                tooltip="The model name the server serves (its --alias); empty: the one it serves."),
+                io.String.Input("api_key_env", default="",
+                                tooltip="The NAME of an environment variable of ComfyUI that holds the server's API "
+                                        "key (e.g. LLMGA_MLLM_API_KEY); never the key itself. Empty: no key."),
+                io.Float.Input("timeout", default=600.0, min=1.0, max=86400.0, step=1.0,
+                               tooltip="Seconds one request to the server may take before the prompt fails."),
+            ],
+            outputs=[MLLMType.Output(display_name="mllm")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, base_url: str, served_model: str = "", api_key_env: str = "",
+                timeout: float = 600.0) -> io.NodeOutput:
+        folder = resolve_model_path(MLLM_FOLDER, model_name, want_dir=True)
+        remote = connect_mllm(folder, base_url, model=served_model.strip() or None,
+                              api_key=api_key_from(api_key_env), timeout=timeout)
+        return io.NodeOutput(LoadedMLLM(remote, None))  # nothing here for the host's memory management
 
 
 ANSWERS = AnswerMemo()  # one per server: answers of the models the host keeps loaded
@@ -258,7 +319,8 @@ class LLMGAPromptGenerator(io.ComfyNode):
         memo_key = f"{answer}:{int(seed)}"  # the memo keeps the seed even when greedy: a new seed runs again
         reply = ANSWERS.get(mllm, memo_key)
         if reply is None:
-            mm.load_models_gpu([mllm.patcher], memory_required=plan.working_bytes, force_full_load=True)
+            if mllm.patcher is not None:  # a served model (LLMGA Remote MLLM) holds nothing here
+                mm.load_models_gpu([mllm.patcher], memory_required=plan.working_bytes, force_full_load=True)
             total = plan.progress_steps
             report = step_reporter(total)
             node_id = cls.hidden.unique_id if cls.hidden is not None else None  # None when called directly
@@ -288,4 +350,4 @@ class LLMGAPromptGenerator(io.ComfyNode):
                                            model_prompt=reply.prompt, edit=edit))
 
 
-NODES = [LLMGAMLLMLoader, LLMGAPromptGenerator]
+NODES = [LLMGAMLLMLoader, LLMGARemoteMLLM, LLMGAPromptGenerator]

@@ -19,7 +19,7 @@ from tests.workflow_format import render_ui, ui_to_api
 WORKFLOWS = REPO / "workflows"
 API_WORKFLOWS = sorted((WORKFLOWS / "api").glob("*.json"))
 UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
-PACK_NODES = {"LLMGAMLLMLoader", "LLMGAPromptGenerator", "LLMGALongCLIPTextEncode", "LLMGACheckpointLoader",
+PACK_NODES = {"LLMGAMLLMLoader", "LLMGARemoteMLLM", "LLMGAPromptGenerator", "LLMGALongCLIPTextEncode", "LLMGACheckpointLoader",
               "DiffRIRLoader", "DiffRIRRestore", "LLMGAEdit", "LLMGADownloadModel"}
 SIMILAR_IMAGE = "llmga_similar_example.png"  # what the similar-image workflows load
 EDIT_IMAGE = "llmga_edit_example.png"  # what the editing workflow loads (not square: cropped as the original)

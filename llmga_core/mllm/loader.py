@@ -117,10 +117,10 @@ def recognise(folder: Path) -> FolderInfo:
 
 
 # ----------------------------------------------------------------------------------------------- configs
-def native_config(info: FolderInfo, dtype: torch.dtype):
-    """The family's own transformers config class, built from the released config.json."""
-    import transformers
-
+def native_config_values(info: FolderInfo) -> dict:
+    """config.json's entries as the family's own config class takes them: the LLaVA fields and the llava
+    model_type / architectures dropped, Phi-3's "su" rope scaling renamed, Gemma's activation under the name
+    current transformers reads (also what export.py writes as a plain transformers folder's config.json)."""
     values = {k: v for k, v in info.config.items()
               if k not in LLAVA_FIELDS and k not in ("model_type", "architectures", "auto_map", "_name_or_path",
                                                      "transformers_version", "torch_dtype", "dtype")}
@@ -136,6 +136,14 @@ def native_config(info: FolderInfo, dtype: torch.dtype):
     if info.family == "gemma":
         # transformers 4.41's GemmaMLP used `hidden_activation` (tanh GELU) and ignored `hidden_act`
         values["hidden_act"] = values.pop("hidden_activation", None) or "gelu_pytorch_tanh"
+    return values
+
+
+def native_config(info: FolderInfo, dtype: torch.dtype):
+    """The family's own transformers config class, built from the released config.json."""
+    import transformers
+
+    values = native_config_values(info)
     config_class = getattr(transformers, NATIVE_CLASSES[info.family] + "Config")
     config = config_class.from_dict(values)
     config._attn_implementation = "sdpa"  # what 4.41 picked by default; eager gives the same tokens (§12)

@@ -10,9 +10,9 @@ reproduced; they are listed in QUIRKS.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from PIL import Image
@@ -20,14 +20,16 @@ from torch import nn
 
 from ..memory import trim_heap_when_freed
 from . import images as imaging
+from .assistant import (Assistant, MLLMInputError, MLLMReply, _Request, _StepCounter,  # noqa: F401 (public names)
+                        sampling_config)
 from .conversation import Conversation
 from .loader import (FolderInfo, build_language_model, build_projector, check_vision_tower_fits, checkpoint_files,
                      find_vision_tower, load_vision_tower, load_weights, native_config, recognise, shrink_vocabulary,
                      vision_tower_pixels)
 from . import quantization as quantizing
-from .prompts import EDITING_FIRST_TURN, TASKS, parse_generation_prompt, user_text
-from .templates import TEMPLATES, cut_output
-from .tokenization import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, decode_answer, load_tokenizer, tokenizer_image_token
+from .prompts import EDITING_FIRST_TURN
+from .templates import TEMPLATES
+from .tokenization import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, load_tokenizer, tokenizer_image_token
 
 log = logging.getLogger("llmga")
 
@@ -60,18 +62,6 @@ QUIRKS = (
 )
 
 
-class MLLMInputError(ValueError):
-    """A request the model cannot run, in one sentence. str() is worded for Python callers (argument names);
-    `for_graph()` for node users (what to connect or disconnect), so a host only translates."""
-
-    def __init__(self, message: str, graph_message: Optional[str] = None):
-        super().__init__(message)
-        self.graph_message = graph_message or message
-
-    def for_graph(self) -> str:
-        return self.graph_message
-
-
 @dataclass(frozen=True)
 class GenerationPlan:
     """What one generate call needs, known before it runs. progress_steps: the most on_token calls
@@ -94,30 +84,8 @@ class GenerationPlan:
         return self.kv_cache_bytes + self.activation_bytes
 
 
-@dataclass
-class _Request:
-    """A validated request: the user text, the conversation to continue and the image as the model sees it."""
-
-    task: str
-    text: str
-    conversation: Conversation
-    fingerprint: Optional[str]  # of the image the conversation shows (None: text only)
-    seen: Optional[object]  # uint8 H×W×3 of a new image (holes blacked), None when reusing the conversation's
-
-
-@dataclass
-class MLLMReply:
-    """token_ids: the new tokens; response: the answer as the original prints it; prompt: the caption
-    parsed from <gen_image>…</gen_image>; prompt_found: whether <gen_image> occurred; conversation: pass
-    it to the next call; notes: warnings in plain words; source_prompt: the source caption (editing)."""
-
-    token_ids: list[int]
-    response: str
-    prompt: str
-    prompt_found: bool
-    conversation: Conversation
-    notes: list[str] = field(default_factory=list)
-    source_prompt: Optional[str] = None
+# the original built these families' rotary cos/sin in float16 at load (QUIRKS); others compute them on the fly
+FP16_ROTARY_FAMILIES = ("mistral", "qwen2")
 
 
 class MLLMModules(nn.Module):
@@ -130,19 +98,11 @@ class MLLMModules(nn.Module):
         self.mm_projector = mm_projector
 
 
-@dataclass
-class _Sampling:
-    eos_ids: tuple[int, ...]
-    repetition_penalty: float
-    top_k: int
-    top_p: float
-
-
 def _round_through_fp16(module, args, output):
     return tuple(t.to(torch.float16).to(t.dtype) for t in output)
 
 
-class LLMGAMLLM:
+class LLMGAMLLM(Assistant):
     """A loaded LLMGA MLLM. `generate` runs on the device the modules are on at call time."""
 
     def __init__(self, info: FolderInfo, modules: MLLMModules, tokenizer, image_pixels: imaging.ClipPixels,
@@ -160,7 +120,7 @@ class LLMGAMLLM:
         self._max_positions = info.config.get("tokenizer_model_max_length")
         self._select_layer = int(info.config.get("mm_vision_select_layer", -2))
         self._select_feature = info.config.get("mm_vision_select_feature", "patch")
-        self._sampling = self._sampling_config(info)
+        self._sampling = sampling_config(info)
         # "auto", "compiled", "static" or "dynamic" (today's loop): fast_decode.DECODERS, README "Speed"
         self.decoder = "auto"
 
@@ -168,41 +128,6 @@ class LLMGAMLLM:
     def size_bytes(self) -> int:
         tensors = list(self.model.parameters()) + list(self.model.buffers())
         return sum(t.numel() * t.element_size() for t in tensors)
-
-    def new_conversation(self) -> Conversation:
-        return Conversation(self.template)
-
-    def generate(self, instruction: str, *, task: str = "chat", image=None, mask=None,
-                 conversation: Optional[Conversation] = None, temperature: float = 0.0, top_p: Optional[float] = None,
-                 max_new_tokens: int = 512, seed: int = 0,
-                 on_token: Optional[Callable[[int, int], None]] = None) -> MLLMReply:
-        """One turn of the conversation (two for task="editing").
-
-        instruction: the user's text. task: "chat" sends it verbatim; "text-to-image" sends "Generate an image
-        based on given keywords. " + it; "similar-image" / "inpainting" / "outpainting" send it, or when empty
-        "Generate a similar image." / "Please inpaint this image." / "Extend this image."; "editing" runs the
-        editing CLI's two turns (image + "Generate a similar image", then the instruction) and returns the
-        second with `source_prompt` set. image: PIL image or H×W×3 float tensor in 0..1 (first turn; later
-        turns may pass the same image again or none). mask: H×W float tensor or PIL image, 1/white = region to
-        generate (blacked before CLIP). conversation: the previous reply's (never modified). temperature 0 is
-        greedy; > 0 samples with a torch.Generator seeded with `seed`, the folder's top_k and top_p (or
-        `top_p`). on_token(step, token_id): after every new token, step counting from 1; its exceptions
-        propagate (how a host interrupts).
-        """
-        request = self._request(instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens)
-        counter = _StepCounter(on_token)
-        pixels = self._pixel_values(request)
-        if task == "editing":
-            return self._edit(request, pixels, temperature, top_p, max_new_tokens, seed, counter)
-        return self._turn(request.conversation, request.text, request.fingerprint, pixels, temperature, top_p,
-                          max_new_tokens, seed, counter)
-
-    def validate(self, instruction: str, *, task: str = "chat", image=None, mask=None,
-                 conversation: Optional[Conversation] = None, temperature: float = 0.0, top_p: Optional[float] = None,
-                 max_new_tokens: int = 512) -> None:
-        """Raises the MLLMInputError generate would raise for these arguments, without running the model (no
-        weights are touched, so a host can call it before moving the model to its device)."""
-        self._request(instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens)
 
     def plan(self, instruction: str, *, task: str = "chat", image=None, mask=None,
              conversation: Optional[Conversation] = None, max_new_tokens: int = 512) -> GenerationPlan:
@@ -230,88 +155,6 @@ class LLMGAMLLM:
         turns = 2 if task == "editing" else 1
         return GenerationPlan(progress_steps=turns * max_new_tokens, positions=positions,
                               weights_bytes=self.size_bytes(), kv_cache_bytes=kv, activation_bytes=activations)
-
-    # ------------------------------------------------------------------------------ the request
-    def _request(self, instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens) -> _Request:
-        """Every check of a generate call that needs no model, in the order a user fixes them."""
-        if task not in TASKS:
-            raise MLLMInputError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}.")
-        if max_new_tokens < 1:
-            raise MLLMInputError(f"max_new_tokens is {max_new_tokens}; it must be at least 1.")
-        if temperature < 0:
-            raise MLLMInputError(f"temperature is {temperature}; use 0 for greedy decoding or a positive value to "
-                                 "sample.")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise MLLMInputError(f"top_p is {top_p}; it must be in (0, 1], or None for the model's own setting.")
-        instruction = "" if instruction is None else str(instruction)
-        if IMAGE_TOKEN in instruction:
-            raise MLLMInputError(
-                "The instruction contains '<image>', which marks where the image goes; pass the image as `image` "
-                "and remove '<image>' from the text.",
-                "The instruction contains '<image>', which marks where the image goes; remove '<image>' from the "
-                "instruction and connect the picture to the image input.")
-        if conversation is not None and not isinstance(conversation, Conversation):
-            raise TypeError(f"conversation must be a Conversation from an earlier reply, not "
-                            f"{type(conversation).__name__}.")
-        if conversation is not None and conversation.template != self.template:
-            raise MLLMInputError(
-                f"This conversation uses the {conversation.template} template but the model uses {self.template}; "
-                "start a new conversation for this model.",
-                f"This conversation uses the {conversation.template} template but the model uses {self.template}; "
-                "connect the MLLM that started it, or disconnect the conversation input to start a new one.")
-        try:
-            text = user_text(task, instruction)
-        except ValueError as e:
-            raise MLLMInputError(str(e)) from None
-        if task == "editing":
-            if conversation is not None:
-                raise MLLMInputError(
-                    "The editing task starts a new conversation (an image described, then your edit); pass no "
-                    "conversation, or use the chat task to continue one.",
-                    "The editing task starts a new conversation, so disconnect the conversation input (or use the "
-                    "chat task to continue one).")
-            if image is None:
-                raise MLLMInputError("The editing task needs the image to edit.",
-                                     "The editing task needs the image to edit; connect it to the image input.")
-        conv = conversation if conversation is not None else self.new_conversation()
-        if image is None:
-            if mask is not None:
-                raise MLLMInputError(
-                    "A mask was given without its image; pass the image together with the mask.",
-                    "A mask was given without its image; connect the image together with the mask.")
-            if task in ("similar-image", "inpainting", "outpainting") and not conv.has_image:
-                extra = " and a mask" if task != "similar-image" else ""
-                raise MLLMInputError(f"The {task} task needs an image{extra}.",
-                                     f"The {task} task needs an image{extra}; connect one to the image input.")
-            return _Request(task, text, conv, conv.image_fingerprint, None)
-        if mask is None and task in ("inpainting", "outpainting"):
-            raise MLLMInputError(
-                f"The {task} task needs a mask (white = the region to generate) with the image.",
-                f"The {task} task needs a mask (white = the region to generate) with the image; connect one to the "
-                "mask input.")
-        rgb = imaging.to_uint8_rgb(image)
-        seen = imaging.masked_image(rgb, imaging.to_hole_mask(mask, rgb.shape[:2])) if mask is not None else rgb
-        fingerprint = imaging.fingerprint(seen)
-        if conv.has_image:
-            if fingerprint != conv.image_fingerprint:
-                raise MLLMInputError(
-                    "This conversation was started with another image; pass the same image (and mask) to continue "
-                    "it, or start a new conversation for a new image.",
-                    "This conversation was started with another image; connect the same image (and mask) to "
-                    "continue it, or disconnect the conversation input to start a new one.")
-            return _Request(task, text, conv, conv.image_fingerprint, None)
-        if conv.messages:
-            raise MLLMInputError(
-                "This conversation was started without an image, and LLMGA shows an image only in the first turn; "
-                "start a new conversation to talk about an image.",
-                "This conversation was started without an image, and LLMGA shows an image only in the first turn; "
-                "disconnect the conversation input to start a new one with the image.")
-        if task == "text-to-image":
-            raise MLLMInputError(
-                "The text-to-image task takes no image; use similar-image (or chat) to show the model an image.",
-                "The text-to-image task takes no image; choose the similar-image (or chat) task, or disconnect the "
-                "image input.")
-        return _Request(task, text, conv, fingerprint, seen)
 
     def _pixel_values(self, request: _Request):
         """CLIP pixels of the request's image: new ones for a first image, else the conversation's (or None)."""
@@ -349,37 +192,9 @@ class LLMGAMLLM:
         return per_layer + scores + logits + vision
 
     # ----------------------------------------------------------------------------------- the turns
-    def _edit(self, request: _Request, pixels, temperature, top_p, max_new_tokens, seed, counter):
-        conv, fingerprint = request.conversation, request.fingerprint
-        first = self._turn(conv, EDITING_FIRST_TURN, fingerprint, pixels, temperature, top_p, max_new_tokens, seed,
-                           counter)
-        second = self._turn(first.conversation, request.text, fingerprint, pixels, temperature, top_p,
-                            max_new_tokens, seed, counter)
-        second.source_prompt = first.prompt
-        second.notes = [f"source caption: {n}" for n in first.notes] + second.notes
-        return second
-
-    def _turn(self, conv: Conversation, text: str, fingerprint, pixels, temperature, top_p, max_new_tokens, seed,
-              counter) -> MLLMReply:
-        first_with_image = pixels is not None and not conv.messages
-        message = IMAGE_TOKEN + "\n" + text if first_with_image else text
-        prompt = conv.prompt(message)
-        ids = tokenizer_image_token(prompt, self.tokenizer)
-        notes: list[str] = []
+    def _new_tokens(self, ids, pixels, notes, temperature, top_p, max_new_tokens, seed, counter):
         embeds = self._input_embeddings(ids, pixels, notes)
-        new_ids, hit_limit = self._decode(embeds, temperature, top_p, max_new_tokens, seed, counter)
-        stored = decode_answer(self.tokenizer, new_ids)
-        response = cut_output(self.output_template, stored)
-        caption, found = parse_generation_prompt(response)
-        if hit_limit:
-            notes.append(f"stopped at max_new_tokens ({max_new_tokens}) before the end token; the answer is "
-                         "incomplete (and, as in the original, its last characters were trimmed as if it had ended).")
-        if not found:
-            notes.append("no <gen_image> tag in the answer; the whole answer is used as the prompt")
-        new_conv = conv.with_turn(message, stored, image_fingerprint=fingerprint if first_with_image else None,
-                                  pixel_values=pixels if first_with_image else None)
-        return MLLMReply(token_ids=new_ids, response=response, prompt=caption, prompt_found=found,
-                         conversation=new_conv, notes=notes)
+        return self._decode(embeds, temperature, top_p, max_new_tokens, seed, counter)
 
     # ----------------------------------------------------------------------------------- the image
     def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -428,16 +243,6 @@ class LLMGAMLLM:
         return sequence[None]
 
     # ---------------------------------------------------------------------------------- decoding
-    @staticmethod
-    def _sampling_config(info: FolderInfo) -> _Sampling:
-        gen = info.generation
-        source = gen if gen.get("_from_file") else info.config  # no generation_config.json → config.json
-        eos = source.get("eos_token_id")
-        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
-        top_k = gen.get("top_k", 50)
-        return _Sampling(eos_ids=eos_ids, repetition_penalty=float(gen.get("repetition_penalty") or 1.0),
-                         top_k=int(top_k) if top_k else 0, top_p=float(gen.get("top_p") or 1.0))
-
     def _next_token(self, logits: torch.Tensor, generated: Optional[torch.Tensor], temperature: float,
                     top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
         """One step of transformers 4.41's processors and warpers on float32 logits (V,)."""
@@ -517,19 +322,6 @@ def _forward_argument_names(lm: nn.Module) -> tuple[str, Optional[str]]:
     return cache_arg, keep_arg
 
 
-class _StepCounter:
-    """Calls on_token(step, token_id) with step = tokens generated so far in this call (1 for the first)."""
-
-    def __init__(self, on_token):
-        self.on_token = on_token
-        self.steps = 0
-
-    def __call__(self, token_id: int) -> None:
-        self.steps += 1
-        if self.on_token is not None:
-            self.on_token(self.steps, token_id)
-
-
 def load_mllm(folder, *, vision_tower=None, device=None, dtype: Optional[torch.dtype] = None,
               template: Optional[str] = None, quantization: Optional[str] = None) -> LLMGAMLLM:
     """Load a released LLMGA MLLM folder (any of the seven families, safetensors or .bin, sharded or not).
@@ -567,7 +359,7 @@ def load_mllm(folder, *, vision_tower=None, device=None, dtype: Optional[torch.d
     if quantizer is not None:
         quantizer.finish()
     shrink_vocabulary(language_model, len(tokenizer))
-    if info.family in ("mistral", "qwen2") and dtype != torch.float16:
+    if info.family in FP16_ROTARY_FAMILIES and dtype != torch.float16:
         for module in language_model.modules():  # one per model; one per attention layer before transformers 4.48
             if type(module).__name__.endswith("RotaryEmbedding"):
                 module.register_forward_hook(_round_through_fp16)
