@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 from . import images as imaging
 from .conversation import Conversation
-from .loader import FolderInfo
+from .sampling import Sampling
 from .prompts import EDITING_FIRST_TURN, TASKS, parse_generation_prompt, user_text
 from .templates import cut_output
 from .tokenization import IMAGE_TOKEN, decode_answer, tokenizer_image_token
@@ -29,14 +29,6 @@ class MLLMInputError(ValueError):
 
     def for_graph(self) -> str:
         return self.graph_message
-
-
-@dataclass
-class _Sampling:
-    eos_ids: tuple[int, ...]
-    repetition_penalty: float
-    top_k: int
-    top_p: float
 
 
 @dataclass
@@ -72,7 +64,7 @@ class Assistant:
     tokenizer: object
     template: str
     output_template: str
-    _sampling: "_Sampling"
+    _sampling: Sampling
 
     def new_conversation(self) -> Conversation:
         return Conversation(self.template)
@@ -232,18 +224,6 @@ class Assistant:
         """The answer's token ids for the prompt `ids` (-200 where the image goes) and whether it stopped at
         max_new_tokens; `notes` takes warnings in plain words."""
         raise NotImplementedError
-
-
-def sampling_config(info: FolderInfo) -> _Sampling:
-    """The folder's end ids and decoding settings, as transformers 4.41's generate read them."""
-    gen = info.generation
-    source = gen if gen.get("_from_file") else info.config  # no generation_config.json → config.json
-    eos = source.get("eos_token_id")
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
-    top_k = gen.get("top_k", 50)
-    return _Sampling(eos_ids=eos_ids, repetition_penalty=float(gen.get("repetition_penalty") or 1.0),
-                     top_k=int(top_k) if top_k else 0, top_p=float(gen.get("top_p") or 1.0))
-
 
 
 class _StepCounter:

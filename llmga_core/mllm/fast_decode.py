@@ -8,7 +8,7 @@ architecture, dtype, device and shape, see README "Speed") and which a GPU repla
 request. Greedy decoding applies the repetition penalty (over a mask of the tokens seen), picks the token with
 argmax and writes it into the next step's input on the device, so the host reads tokens only to report them:
 each token on the CPU, where reading is free, and each GPU_BLOCK tokens on a GPU, where it is a synchronisation.
-The end-token check runs on the tokens read. Sampling keeps model.py's `_next_token` after the compiled forward,
+The end-token check runs on the tokens read. Sampling keeps sampling.py's `next_token` after the compiled forward,
 so the same generator draws give the same tokens.
 
 On the CPU, torch's default matrix-vector kernel (MKL's sgemm at one row, in float32) uses one core. A compiled
@@ -16,7 +16,7 @@ step writes each linear layer as a multiply-and-sum over the weight rows, which 
 vectorised pass over the weights on every core; an uncompiled one uses oneDNN's linear where a short measurement
 finds it faster (`cpu_linear_choice`).
 
-Nothing here changes the model: the prefill, the weights and the module tree are today's; the linear kernel is
+Nothing here changes the model: the prefill, the weights and the module tree stay as loaded; the linear kernel is
 swapped only for the duration of a decode.
 """
 from __future__ import annotations
@@ -32,11 +32,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .sampling import forward_argument_names, next_token
+
 log = logging.getLogger("llmga")
 
 DECODERS = ("auto", "compiled", "static", "dynamic")
 """auto: compiled for models of at least COMPILE_MIN_BYTES of language-model weights, else the static step
-uncompiled; compiled: always compile; static: the static cache with the step uncompiled; dynamic: today's loop."""
+uncompiled; compiled: always compile; static: the static cache with the step uncompiled; dynamic: the dynamic-cache loop (model.py)."""
 
 BUCKET = 256  # cache positions are rounded up to this, so requests of similar length share one compiled shape
 GPU_BLOCK = 8  # tokens per host synchronisation on a GPU (progress and interruption granularity there)
@@ -51,7 +53,7 @@ CPU_LINEAR: Optional[str] = None  # "reduction", "onednn" or "default" instead o
 
 class FastDecodeUnavailable(RuntimeError):
     """The static-cache decoder cannot run this request here; no token was reported yet, so the caller decodes
-    with today's loop. `first` is False when the same reason was already given in this process."""
+    with the dynamic-cache loop. `first` is False when the same reason was already given in this process."""
 
     def __init__(self, reason: str, first: bool = True):
         super().__init__(reason)
@@ -79,7 +81,7 @@ def _greedy_step(lm: nn.Module, cache, token: torch.Tensor, position: Optional[t
                  penalty: float, cache_arg: str, keep_arg: Optional[str]) -> torch.Tensor:
     """One greedy token, written into `token` for the next step and marked in `seen`; returns it (0-dim).
 
-    The penalty is transformers 4.41's RepetitionPenaltyLogitsProcessor, as `_next_token` applies it with
+    The penalty is transformers 4.41's RepetitionPenaltyLogitsProcessor, as `next_token` applies it with
     gather/scatter over the generated ids: the same operation on the same values, over a mask of the ids."""
     logits = _logits_step(lm, cache, token, position, cache_arg, keep_arg)
     if penalty != 1.0:
@@ -345,13 +347,12 @@ def decode(mllm, embeds: torch.Tensor, temperature: float, top_p: Optional[float
     Raises FastDecodeUnavailable, before any token is reported, where the static cache or its compiled step
     cannot run (the reason is remembered per device, dtype and model class, so it is not tried again);
     exceptions of `counter` (progress, interruption) propagate."""
-    from .model import _forward_argument_names
 
     if mode not in DECODERS or mode == "dynamic":
         raise ValueError(f"decoder is {mode!r}; use one of {', '.join(DECODERS)}.")
     lm = mllm.model.language_model
     device, dtype = embeds.device, next(lm.parameters()).dtype
-    cache_arg, keep_arg = _forward_argument_names(lm)
+    cache_arg, keep_arg = forward_argument_names(lm)
     reason, positional = _static_cache_support(lm)
     if reason:
         raise _decline(("unsupported",), reason)
@@ -386,7 +387,7 @@ def decode(mllm, embeds: torch.Tensor, temperature: float, top_p: Optional[float
             out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)  # this request only: not remembered
             raise _decline(static_key, f"the static cache failed on {device.type} ({_short(error)})",
                            remember=not out_of_memory) from error
-        first = mllm._next_token(logits, None, temperature, top_p, generator)
+        first = next_token(sampling, logits, None, temperature, top_p, generator)
         del logits
         first_id = int(first)
         if first_id in eos or max_new_tokens == 1:
@@ -408,7 +409,7 @@ def decode(mllm, embeds: torch.Tensor, temperature: float, top_p: Optional[float
             result = run()
             if greedy:
                 return result
-            chosen = mllm._next_token(result, out[:count], temperature, top_p, generator)
+            chosen = next_token(sampling, result, out[:count], temperature, top_p, generator)
             token.copy_(chosen.view(1, 1))
             return chosen
 

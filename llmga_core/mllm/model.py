@@ -20,13 +20,13 @@ from torch import nn
 
 from ..memory import trim_heap_when_freed
 from . import images as imaging
-from .assistant import (Assistant, MLLMInputError, MLLMReply, _Request, _StepCounter,  # noqa: F401 (public names)
-                        sampling_config)
+from .assistant import Assistant, MLLMInputError, MLLMReply, _Request, _StepCounter  # noqa: F401 (public names)
 from .conversation import Conversation
 from .loader import (FolderInfo, build_language_model, build_projector, check_vision_tower_fits, checkpoint_files,
                      find_vision_tower, load_vision_tower, load_weights, native_config, recognise, shrink_vocabulary,
                      vision_tower_pixels)
 from . import quantization as quantizing
+from .sampling import forward_argument_names, next_token, sampling_config
 from .prompts import EDITING_FIRST_TURN
 from .templates import TEMPLATES
 from .tokenization import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, load_tokenizer, tokenizer_image_token
@@ -121,7 +121,7 @@ class LLMGAMLLM(Assistant):
         self._select_layer = int(info.config.get("mm_vision_select_layer", -2))
         self._select_feature = info.config.get("mm_vision_select_feature", "patch")
         self._sampling = sampling_config(info)
-        # "auto", "compiled", "static" or "dynamic" (today's loop): fast_decode.DECODERS, README "Speed"
+        # "auto", "compiled", "static" or "dynamic" (the dynamic-cache loop): fast_decode.DECODERS, README "Speed"
         self.decoder = "auto"
 
     # ------------------------------------------------------------------------------------- public
@@ -243,34 +243,11 @@ class LLMGAMLLM(Assistant):
         return sequence[None]
 
     # ---------------------------------------------------------------------------------- decoding
-    def _next_token(self, logits: torch.Tensor, generated: Optional[torch.Tensor], temperature: float,
-                    top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """One step of transformers 4.41's processors and warpers on float32 logits (V,)."""
-        penalty = self._sampling.repetition_penalty
-        if penalty != 1.0 and generated is not None:
-            picked = logits.gather(0, generated)
-            logits = logits.scatter(0, generated, torch.where(picked < 0, picked * penalty, picked / penalty))
-        if temperature <= 0:
-            return logits.argmax()
-        logits = logits / temperature
-        top_k = min(self._sampling.top_k, logits.shape[0])
-        if top_k > 0:
-            kth = torch.topk(logits, top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=False)
-            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            remove = cumulative <= (1 - top_p)
-            remove[-1:] = False
-            logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-        probs = logits.softmax(dim=-1)[None]  # (1, V) as generate samples a batch
-        return torch.multinomial(probs, 1, generator=generator)[0, 0]
-
     def _decode(self, embeds: torch.Tensor, temperature: float, top_p: Optional[float], max_new_tokens: int,
                 seed: int, counter: "_StepCounter") -> tuple[list[int], bool]:
         from transformers import DynamicCache
 
-        if self.decoder != "dynamic":  # the static cache and compiled step (fast_decode.py), else today's loop
+        if self.decoder != "dynamic":  # the static cache and compiled step (fast_decode.py), else the dynamic-cache loop
             from . import fast_decode
 
             try:
@@ -287,7 +264,7 @@ class LLMGAMLLM(Assistant):
         eos = set(self._sampling.eos_ids)
         new_ids: list[int] = []
         generated = torch.empty(max_new_tokens, dtype=torch.long, device=device)
-        cache_arg, keep_arg = _forward_argument_names(lm)
+        cache_arg, keep_arg = forward_argument_names(lm)
         with torch.inference_mode():
             try:
                 cache = DynamicCache(config=lm.config)
@@ -299,7 +276,8 @@ class LLMGAMLLM(Assistant):
             out = lm(inputs_embeds=embeds, **prefill)
             for step in range(max_new_tokens):
                 logits = out.logits[0, -1].to(torch.float32)
-                token = self._next_token(logits, generated[:step] if step else None, temperature, top_p, generator)
+                token = next_token(self._sampling, logits, generated[:step] if step else None, temperature, top_p,
+                                   generator)
                 generated[step] = token
                 token_id = int(token)
                 new_ids.append(token_id)
@@ -310,16 +288,6 @@ class LLMGAMLLM(Assistant):
                     break
                 out = lm(input_ids=generated[step:step + 1].view(1, 1), use_cache=True, **{cache_arg: cache})
         return new_ids, True
-
-
-def _forward_argument_names(lm: nn.Module) -> tuple[str, Optional[str]]:
-    """The KV-cache and logits-to-keep keyword names of this transformers version's forward."""
-    import inspect
-
-    names = inspect.signature(lm.forward).parameters
-    cache_arg = "cache" if "cache" in names else "past_key_values"
-    keep_arg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in names), None)
-    return cache_arg, keep_arg
 
 
 def load_mllm(folder, *, vision_tower=None, device=None, dtype: Optional[torch.dtype] = None,

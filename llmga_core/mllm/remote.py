@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 from .assistant import Assistant, MLLMInputError, _Request
 from .loader import recognise
 from .model import FP16_ROTARY_FAMILIES, GenerationPlan
+from .sampling import sampling_config
 from .templates import TEMPLATES
 from .tokenization import IMAGE_TOKEN_INDEX, load_tokenizer
 
@@ -150,8 +151,6 @@ class RemoteMLLM(Assistant):
     `validate` and `plan` take the arguments of the in-process model's (model.py)."""
 
     def __init__(self, info, tokenizer, template: str, client: ServerClient, model: str, context: Optional[int]):
-        from .assistant import sampling_config
-
         self.info = info
         self.folder = info.folder
         self.family = info.family
