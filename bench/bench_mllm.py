@@ -10,7 +10,7 @@ text-to-image prompt and greedy decoding with the folder's repetition penalty (1
   - transformers `generate` on the same language model: eager with its dynamic cache, and with its static cache
     and torch.compile (`cache_implementation="static"`)
   - llama.cpp through llama-cpp-python (optional: `pip install llama-cpp-python gguf`) on the same weights
-    written as GGUF (gguf.GGUFWriter), at the bench's precision and as q8_0 for reference; the prompt goes in as
+    written as GGUF by llmga_core.export, at the bench's precision and as q8_0 for reference; the prompt goes in as
     token ids and the penalty and argmax are applied to its logits here, as the pack does
 
 Decode speed is (N - 1) new tokens over time(N tokens) - time(1 token), so the prompt's prefill cancels out;
@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llmga_core.export import write_gguf as write_gguf_file  # noqa: E402
 from llmga_core.mllm import fast_decode, load_mllm  # noqa: E402
 from llmga_core.mllm.tokenization import tokenizer_image_token  # noqa: E402
 from tests.fixtures.tiny_mllm import QWEN2_SIZES, make_mllm_folder, make_vision_tower  # noqa: E402
@@ -86,79 +87,16 @@ def penalised_argmax(logits, generated: list[int], penalty: float) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- GGUF
-GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-              "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
-              "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
-              "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
-              "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-              "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
-
-
-def write_gguf(path: Path, mllm, folder: Path, kind: str) -> int:
-    """The language model as a llama.cpp qwen2 GGUF with matrices in `kind` (F32, F16, BF16, Q8_0); vectors
-    stay F32 as llama.cpp's converter keeps them. Returns the bytes of the matrices a token reads."""
+def write_gguf(path: Path, folder: Path, kind: str) -> int:
+    """The language model as GGUF with matrices in `kind` (F32, F16, BF16, Q8_0), written by the pack's exporter
+    (llmga_core.export); returns the bytes of the tensors a token reads (all but the embedding table, which a
+    token reads one row of, unless it is also the output head)."""
     import gguf
-    import numpy as np
 
-    lm = mllm.model.language_model
-    cfg = lm.config
-    qtype = getattr(gguf.GGMLQuantizationType, kind)
-    writer = gguf.GGUFWriter(str(path), "qwen2")
-    writer.add_name("llmga-bench-qwen2")
-    writer.add_context_length(4096)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 1e6))))
-    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    writer.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}[kind])
-    vocabulary = lm.get_input_embeddings().weight.shape[0]
-    tokenizer = mllm.tokenizer
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    tokens = [t if t is not None else f"<unused{i}>" for i, t in
-              enumerate(tokenizer.convert_ids_to_tokens(list(range(vocabulary))))]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if i in special or i >= len(tokenizer) - 3 else
-                            gguf.TokenType.NORMAL for i in range(vocabulary)])
-    merges = [line for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-              if line and not line.startswith("#")]
-    writer.add_token_merges(merges)
-    eos = list(mllm._sampling.eos_ids)
-    writer.add_eos_token_id(eos[0])
-    writer.add_bos_token_id(eos[-1])
-    writer.add_add_bos_token(False)
-
-    read = 0
-    tied = lm.get_input_embeddings().weight.data_ptr() == lm.get_output_embeddings().weight.data_ptr()
-    for name, tensor in lm.state_dict().items():
-        if name == "lm_head.weight" and tied:
-            continue
-        if name.startswith("model.layers."):
-            _, _, index, rest = name.split(".", 3)
-            target = f"blk.{index}.{GGUF_NAMES[rest]}"
-        else:
-            target = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                      "lm_head.weight": "output.weight"}[name]
-        data = tensor.detach().to(torch.float32).cpu().numpy()
-        if data.ndim == 1 or kind == "F32":
-            array, raw = data, None
-        elif kind == "F16":
-            array, raw = data.astype(np.float16), None
-        else:
-            array, raw = gguf.quants.quantize(data, qtype), qtype
-        writer.add_tensor(target, array, raw_dtype=raw)  # a quantised array has its byte shape
-        if target != "token_embd.weight" or tied:
-            read += array.nbytes
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return read
+    write_gguf_file(folder, path, dtype=kind.lower())
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    tied = "output.weight" not in tensors
+    return sum(size for name, size in tensors.items() if name != "token_embd.weight" or tied)
 
 
 class LlamaCpp:
@@ -293,7 +231,7 @@ def main() -> None:
         for kind in dict.fromkeys([kinds, "Q8_0"]):
             path = tmp / f"model-{kind}.gguf"
             started = time.perf_counter()
-            read = write_gguf(path, mllm, folder, kind)
+            read = write_gguf(path, folder, kind)
             llama[kind] = LlamaCpp(path, max(threads), len(prompt_ids) + n + 16, penalty, eos)
             label = f"llama.cpp {kind.lower()}" + (" (8-bit reference)" if kind == "Q8_0" else "")
             contenders[label] = (lambda tokens, m=llama[kind]: m.generate(prompt_ids, tokens), kind, read)

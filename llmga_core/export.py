@@ -10,7 +10,7 @@ so this module writes that language model:
 - `write_language_model(folder, out_dir)`: a plain transformers folder (native config.json, safetensors,
   generation_config.json and the tokenizer files as released) that vLLM, SGLang or
   `AutoModelForCausalLM.from_pretrained` load without remote code;
-- `write_gguf(folder, path, dtype=...)`: one GGUF file (f32, f16 or q8_0) for llama.cpp's llama-server.
+- `write_gguf(folder, path, dtype=...)`: one GGUF file (f32, f16, bf16 or q8_0) for llama.cpp's llama-server.
 
 Both take the language model exactly as the pack loads it (mllm/loader.py): the checkpoint's weights, the
 vocabulary shrunk to len(tokenizer) as the original's resize_token_embeddings does (LLMGA:
@@ -42,7 +42,7 @@ from .weights import iter_weights, read_json
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json")
-GGUF_DTYPES = ("f32", "f16", "q8_0")
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 GGUF_ARCHITECTURES = {"vicuna": "llama", "llama2": "llama", "llama3": "llama", "mistral": "llama", "qwen2": "qwen2",
                       "phi3": "phi3", "gemma": "gemma"}
 # the names llama.cpp gives the pre-tokenizers of the byte-level BPE families
@@ -128,7 +128,7 @@ def _write_json(path: Path, data) -> None:
 # -------------------------------------------------------------------------------------------------- GGUF
 def write_gguf(folder, path, *, dtype: str = "f16") -> Path:
     """Write the language model of an LLMGA MLLM folder as a GGUF file for llama.cpp; returns path.
-    dtype: "f32", "f16" or "q8_0" for the weight matrices (norms, biases and rope factors stay f32)."""
+    dtype: "f32", "f16", "bf16" or "q8_0" for the weight matrices (norms, biases and rope factors stay f32)."""
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(GGUF_DTYPES)}; pick one of them.")
     try:
@@ -189,7 +189,7 @@ def _gguf_parameters(writer, gguf, info: FolderInfo, config, arch: str, dtype: s
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if arch == "phi3":
         original = int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
@@ -264,6 +264,8 @@ def _gguf_encode(gguf, name: str, array, dtype: str):
         return np.ascontiguousarray(array, dtype=np.float32), kinds.F32
     if dtype == "q8_0" and array.shape[-1] % gguf.GGML_QUANT_SIZES[kinds.Q8_0][0] == 0:
         return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), kinds.Q8_0), kinds.Q8_0
+    if dtype == "bf16":  # the released weights' own type, stored as it is
+        return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), kinds.BF16), kinds.BF16
     return np.ascontiguousarray(array, dtype=np.float16), kinds.F16
 
 

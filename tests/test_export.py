@@ -244,7 +244,7 @@ def test_gguf_equals_what_llama_cpp_converter_writes(model_root, tmp_path):
     for family in FAMILIES:
         plain = write_language_model(model_root / RELEASED_NAMES[family], tmp_path / family)
         pre = {"qwen2": "qwen2", "llama3": "llama-bpe"}.get(family, "-")
-        for dtype in ("f32", "f16", "q8_0"):
+        for dtype in ("f32", "f16", "bf16", "q8_0"):
             ours[family, dtype] = write_gguf(model_root / RELEASED_NAMES[family], tmp_path / f"{family}-{dtype}.gguf",
                                              dtype=dtype)
             jobs.append([pre, str(plain), dtype, str(tmp_path / f"{family}-{dtype}.converted.gguf")])
@@ -295,7 +295,7 @@ def test_command_line_writes_both_and_refuses_other_folders(model_root, tmp_path
 
 def test_python_errors_are_one_sentence(model_root, tmp_path, monkeypatch):
     folder = model_root / RELEASED_NAMES["qwen2"]
-    with pytest.raises(ValueError, match=r"^dtype 'q4_0' is not one of f32, f16, q8_0; pick one of them\.$"):
+    with pytest.raises(ValueError, match=r"^dtype 'q4_0' is not one of f32, f16, bf16, q8_0; pick one of them\.$"):
         write_gguf(folder, tmp_path / "x.gguf", dtype="q4_0")
     with pytest.raises(ValueError, match="is the MLLM folder itself"):
         write_language_model(folder, folder)
