@@ -6,7 +6,7 @@
 #                       their pins differ (0.33 pins its frontend, comfy-aimdo, comfy-kitchen, needs torchaudio).
 #   LLMGA_VENV          venv folder        (default: <repo>/.venv-comfyui-<version>)
 #   LLMGA_COMFYUI_DIR   unpacked ComfyUI   (default: ~/.cache/llmga-comfyui/ComfyUI-<version>, outside
-#                       the project as ../shared/host/README.md asks; never committed)
+#                       the project; never committed)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/.ci/shared_dir.sh"

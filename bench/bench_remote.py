@@ -7,7 +7,7 @@ it in float32 (`load_mllm`, the baseline, in this process); `llmga_core.export.w
 a thread with its own `connect_mllm` (as separate ComfyUI workers are), asking for a text-to-image prompt
 with greedy decoding and `--new-tokens` new tokens; every client's tokens are compared with the in-process
 model's. Figures: aggregate new tokens per second (all clients' tokens ÷ wall time, prefill included for
-every contender) and the ratio to the in-process model.
+every contender; the median of --rounds runs) and the ratio to the in-process model.
 
     .venv-comfyui-0.33.0/bin/python bench/bench_remote.py [--new-tokens 48] [--clients 1,2,4] [--threads 2]
 """
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,2,4")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the pack and of llama-server")
     parser.add_argument("--dtypes", default="f32,q8_0", help="GGUF types to serve")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per client count; the median counts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     counts = [int(c) for c in args.clients.split(",")]
@@ -66,12 +67,14 @@ def main() -> None:
         make_vision_tower(tmp / "clip-vit-large-patch14-336")
         mllm = load_mllm(folder, dtype=torch.float32)
         mllm.generate(INSTRUCTIONS[0], task="text-to-image", max_new_tokens=4)  # compile / warm up
-        local = {}
-        start = time.perf_counter()
-        for instruction in INSTRUCTIONS[:max(counts)]:
-            local[instruction] = mllm.generate(instruction, task="text-to-image",
-                                               max_new_tokens=args.new_tokens).token_ids
-        local_rate = sum(len(v) for v in local.values()) / (time.perf_counter() - start)
+        local, rates = {}, []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            for instruction in INSTRUCTIONS[:max(counts)]:
+                local[instruction] = mllm.generate(instruction, task="text-to-image",
+                                                   max_new_tokens=args.new_tokens).token_ids
+            rates.append(sum(len(v) for v in local.values()) / (time.perf_counter() - start))
+        local_rate = sorted(rates)[len(rates) // 2]
         print(f"in-process float32 (pack, {args.threads} threads, one answer at a time): {local_rate:.1f} tokens/s")
         del mllm
         for dtype in args.dtypes.split(","):
@@ -86,7 +89,8 @@ def main() -> None:
                 print("| clients | tokens/s (all clients) | × in-process | tokens equal to in-process |")
                 print("|---|---|---|---|")
                 for count in counts:
-                    seconds, results = clients_run(server.base_url, folder, count, args.new_tokens)
+                    runs = [clients_run(server.base_url, folder, count, args.new_tokens) for _ in range(args.rounds)]
+                    seconds, results = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
                     tokens = sum(len(r) for r in results)
                     equal = sum(r == local[INSTRUCTIONS[i % len(INSTRUCTIONS)]] for i, r in enumerate(results))
                     print(f"| {count} | {tokens / seconds:.1f} | {tokens / seconds / local_rate:.2f} | "

@@ -1,1 +1,1 @@
-"""LLMGA for ComfyUI: the host-free library (torch, transformers, diffusers; never imports ComfyUI)."""
+"""LLMGA for ComfyUI: the host-free library (torch, transformers, safetensors; never imports ComfyUI)."""

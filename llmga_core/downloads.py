@@ -1,6 +1,10 @@
 """Fetching LLMGA's released models from the Hugging Face Hub into the folders the loaders read (opt-in).
 
-    python -m llmga_core.downloads llmga-Qwen2-0.5B-full-finetune --models-dir ComfyUI/models
+    python -m llmga_core.downloads llmga-Qwen2-0.5B-full-finetune                  # in the pack folder
+    python -m llmga_core.downloads llmga-Qwen2-0.5B-full-finetune --models-dir /data/ComfyUI/models
+
+Without --models-dir the files go to the models folder of the ComfyUI this pack is installed in
+(<ComfyUI>/custom_nodes/<pack>); see `resolve_models_dir` for how a relative --models-dir is read.
 
 Nothing here runs unless asked: listing models never touches the network. What it does:
 - a catalogue of the releases (LLMGA's README model links): the name the loaders list,
@@ -48,7 +52,8 @@ log = logging.getLogger("llmga")
 __all__ = [
     "Release", "RELEASES", "KIND_FOLDERS", "DownloadError", "DownloadPlan", "RemoteFile", "find_release",
     "release_for_model", "target_folder", "is_complete", "plan_download", "run_downloads", "download",
-    "needs_vision_tower", "select_files", "plans_for", "fetch_with_console", "resume_hint", "ConsoleProgress", "main",
+    "needs_vision_tower", "select_files", "plans_for", "fetch_with_console", "resume_hint", "ConsoleProgress",
+    "resolve_models_dir", "main",
 ]
 
 # models/ subfolder per kind (the loaders' folder_paths kinds)
@@ -748,11 +753,69 @@ def fetch_with_console(plans: list[DownloadPlan], stream=None) -> None:
         bar.close()
 
 
+def _current_folder() -> Path:
+    """The folder the command runs in, as the shell names it: $PWD when it is the current folder (it keeps a
+    symlinked pack folder's place inside ComfyUI/custom_nodes, which os.getcwd() resolves away)."""
+    cwd = os.getcwd()
+    pwd = os.environ.get("PWD")
+    try:
+        if pwd and os.path.isabs(pwd) and os.path.samefile(pwd, cwd):
+            return Path(pwd)
+    except OSError:
+        pass
+    return Path(cwd)
+
+
+def _pack_comfyui() -> Optional[Path]:
+    """The ComfyUI this pack is installed in (<ComfyUI>/custom_nodes/<pack>, a symlinked pack too), or None."""
+    from .run_workflow import default_comfyui_dir  # the run command's rule; standard library only
+
+    return default_comfyui_dir()
+
+
+def resolve_models_dir(models_dir=None, *, cwd=None, comfyui=None) -> tuple[Path, str]:
+    """The absolute models folder a download goes to, and a few words on why.
+
+    - no --models-dir: the models folder of `comfyui`, the ComfyUI this pack is installed in;
+    - an absolute path (or one starting with ~): as given;
+    - a relative path, run from inside that ComfyUI (the pack folder, say): read from the ComfyUI folder, so
+      `models` and `ComfyUI/models` (the ComfyUI folder's own name, or "ComfyUI", first) both mean
+      <ComfyUI>/models, wherever inside ComfyUI the command runs. A path that starts with . or .. is read from
+      the current folder, as the shell reads it;
+    - any other relative path: from the current folder.
+    `cwd` is the current folder as the shell names it, `comfyui` the ComfyUI folder (None: not inside one).
+    """
+    cwd = Path(cwd) if cwd is not None else _current_folder()
+    if models_dir is None:
+        if comfyui is None:
+            raise DownloadError("Give the models folder to download into with --models-dir (ComfyUI/models): this "
+                                "pack is not inside a ComfyUI's custom_nodes folder, so there is no default.")
+        return Path(os.path.normpath(Path(comfyui).absolute() / "models")), \
+            f"the models folder of the ComfyUI this pack is installed in, {comfyui}"
+    path = Path(models_dir).expanduser()
+    if path.is_absolute():
+        return Path(os.path.normpath(path)), "--models-dir"
+    parts = path.parts
+    here = re.match(r"\.\.?([/\\]|$)", str(models_dir))  # ./x and ../x (pathlib drops a leading ./)
+    if comfyui is not None and parts and not here and parts[0] != "..":
+        root = Path(comfyui).absolute()
+        inside = cwd == root or root in cwd.parents
+        if inside:
+            if len(parts) > 1 and parts[0] in (root.name, "ComfyUI"):
+                path = Path(*parts[1:])
+            return Path(os.path.normpath(root / path)), \
+                f"--models-dir {models_dir}, read from the ComfyUI folder {root}"
+    return Path(os.path.normpath(cwd / path)), f"--models-dir {models_dir}, read from {cwd}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmga_core.downloads",
                                      description="Download released LLMGA models into ComfyUI's models folders.")
     parser.add_argument("names", nargs="*", help="release names (see --list), e.g. llmga-Qwen2-0.5B-full-finetune")
-    parser.add_argument("--models-dir", type=Path, help="ComfyUI's models folder (ComfyUI/models)")
+    parser.add_argument("--models-dir",
+                        help="ComfyUI's models folder (default: the models folder of the ComfyUI this pack is "
+                             "installed in; a relative path given inside that ComfyUI is read from its folder, so "
+                             "'models' and 'ComfyUI/models' both mean <ComfyUI>/models)")
     parser.add_argument("--repo-id", help="fetch from this Hub repository instead (a mirror); one name only")
     parser.add_argument("--revision", default="main", help="branch, tag or commit (default main)")
     parser.add_argument("--endpoint", help="Hub address (default: HF_ENDPOINT or https://huggingface.co)")
@@ -766,13 +829,19 @@ def main(argv=None) -> int:
             print(f"{release.name:45s} {source}  -> models/{release.subfolder}/")
         return 0 if args.list else 2
     try:
-        if args.models_dir is None:
-            raise DownloadError("Give the models folder to download into with --models-dir (ComfyUI/models).")
         if args.repo_id and len(args.names) > 1:
             raise DownloadError("--repo-id names one repository; download one release at a time with it.")
+        for name in args.names:
+            find_release(name)  # a typo is refused before anything else
+        models_dir, why = resolve_models_dir(args.models_dir, comfyui=_pack_comfyui())
+        print(f"[llmga] downloading into {models_dir} ({why})", flush=True)
+        literal = Path(os.path.abspath(args.models_dir)) if args.models_dir is not None else None
+        if literal is not None and literal != models_dir and literal.is_dir():
+            print(f"[llmga] note: {literal} is not read by ComfyUI (a download from an older version of this "
+                  f"command may have gone there); move what it holds into {models_dir}, or delete it.", flush=True)
         plans = []
         for name in args.names:
-            plans += plans_for(name, args.models_dir, repo_id=args.repo_id, revision=args.revision,
+            plans += plans_for(name, models_dir, repo_id=args.repo_id, revision=args.revision,
                                endpoint=args.endpoint, vision_tower=not args.no_vision_tower)
         fetch_with_console(plans)
     except DownloadError as error:

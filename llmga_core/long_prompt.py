@@ -366,9 +366,14 @@ class PromptChunks:
         return len(next(iter(self.chunks.values())))
 
 
+# how a note names the encoding that cut a prompt, in a user's words
+PIPELINE_WORDS = {"sd15": "SD1.5 text-to-image", "sd15-inpaint": "SD1.5 inpainting", "sdxl": "SDXL text-to-image",
+                  "sdxl-inpaint": "SDXL inpainting"}
+
+
 def _warn_truncated(what: str, token_count: int, kept: int, recipe: EncodingRecipe) -> str:
-    message = (f"The {what} has {token_count} tokens; LLMGA's {recipe.pipeline} encoding keeps the "
-               f"first {kept} and drops the rest.")
+    message = (f"The {what} has {token_count} tokens; LLMGA's {PIPELINE_WORDS[recipe.pipeline]} pipeline encodes "
+               f"at most {kept}, so it keeps the first {kept} and drops the rest.")
     warnings.warn(PromptTruncatedWarning(message), stacklevel=3)
     return message
 

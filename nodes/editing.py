@@ -99,8 +99,9 @@ def edit_embeddings(clip, source_prompt: str, target_prompt: str, notes: list[st
         return embeds["prompt_embeds"], embeds["negative_prompt_embeds"]
 
     # mask phase: target and source in one lpw batch (both padded to one chunk count, at most 3)
-    mask_target, mask_source = lpw(target_prompt, source_prompt, "sd15", "mask")
-    target, target_uncond = lpw(target_prompt, "", "sd15-inpaint", "re-sampling")  # lpw, at most 4 chunks
+    mask_target, mask_source = lpw(target_prompt, source_prompt, "sd15", "edit mask")
+    # re-sampling: the editing pipeline's lpw call allows 4 chunks, the limit of the inpainting pipeline's recipe
+    target, target_uncond = lpw(target_prompt, "", "sd15-inpaint", "re-sampling (editing allows 300 tokens)")
     return editing.EditEmbeds(mask_source=mask_source, mask_target=mask_target,
                               inversion_source=inversion_chunk(clip, source_prompt),
                               inversion_uncond=inversion_chunk(clip, ""), target=target,

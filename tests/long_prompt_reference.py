@@ -1,5 +1,6 @@
-"""Reference long-prompt encoders written the way LLMGA's code is structured (reference/long_prompt_and_unet.md
-§1-§2): one flat 75·n+2 id row, windows cut out of it, one model call per window. Shared by the library's
+"""Reference long-prompt encoders written the way LLMGA's code is structured (SD1.5: LLMGA:
+llmga/diffusers/examples/community/lpw_stable_diffusion.py; SDXL: LLMGA: llmga/diffusers/pipeline_stable_diffusion_xl_lpw.py
+`encode_prompt`): one flat 75·n+2 id row, windows cut out of it, one model call per window. Shared by the library's
 tests (transformers models) and the host node's tests (the host CLIP).
 """
 from __future__ import annotations

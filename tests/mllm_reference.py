@@ -1,4 +1,5 @@
-"""The independent reference MLLM of the greedy-token tests (reference/mllm.md step by step).
+"""The independent reference MLLM of the greedy-token tests, written step by step from the original's CLI path
+(LLMGA: llmga/serve/cli.py, llmga/llava/conversation.py, llmga/llava/mm_utils.py, llmga/llava/model/llava_arch.py).
 
 Other means than the library: the prompt string written out literally per template, per-chunk
 tokenization around <image> on the original's tokenizer stack (tests/oracles), the native model loaded
@@ -32,7 +33,8 @@ QWEN_SYS = ("<|im_start|>system\nA conversation between a user and an LLM-based 
 
 
 def literal_prompt(family: str, turns: list[tuple[str, str | None]]) -> str:
-    """The prompt string of reference/mllm.md §5 for finished turns [(user, stored answer), …] + (user, None)."""
+    """The prompt string LLMGA: llmga/llava/conversation.py `get_prompt` renders for finished turns
+    [(user, stored answer), …] + (user, None)."""
     out = ""
     if family == "vicuna":
         out = LLAVA_V1 + " "

@@ -1,4 +1,5 @@
-"""The Chinese releases (llmga-cn-*, reference/mllm.md §1) and Chinese text in the long-prompt encoder.
+"""The Chinese releases (binxia/llmga-cn-*: English bases, the same templates) and Chinese text in the long-prompt
+encoder.
 
 References, none of which shares code with the pack: the original's tokenizer stack (transformers 4.41.2 in a
 side venv, tests/oracles), the independent reference MLLM (tests/mllm_reference.py), the name rules of the
@@ -56,7 +57,7 @@ def test_a_chinese_release_is_recognised_like_its_english_twin(cn_root, family):
 
 def _original_image_token_ids(oracle, folder, prompt: str) -> list[int]:
     """The original's tokenizer_image_token on its own tokenizer: each chunk around <image> tokenized alone,
-    joined by -200, a leading BOS kept once (reference/mllm.md §4)."""
+    joined by -200, a leading BOS kept once (LLMGA: llmga/llava/mm_utils.py `tokenizer_image_token`)."""
     chunks = [oracle.encode(folder, chunk) for chunk in prompt.split("<image>")]
     bos = oracle.ask(folder, oracle.use_fast(folder))["bos"]
     ids = list(chunks[0])

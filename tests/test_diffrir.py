@@ -1,7 +1,8 @@
 """DiffRIR: strict loading of the released layout, fidelity, exact tiling, errors, and the nodes.
 
 Tiny seeded weights in the released file layout come from tests/fixtures/tiny_diffrir.py. The
-fidelity reference below is written from reference/diffrir.md (§2–3), module by module on the
+fidelity reference below is written from the original (DiffRIR: DiffRIR/archs/S2_arch.py and
+inference_diffrir.py), module by module on the
 state dict with plain torch ops, independently of llmga_core.diffrir.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ HINT = "use a DiffRIR x1/x2/x4 .pth or .safetensors file."
 
 
 def reference_forward(sd, scale, generated, reference, mask, z):
-    """DiffRIR's inference, straight from reference/diffrir.md, on the whole image."""
+    """DiffRIR's inference as DiffRIR: inference_diffrir.py runs it, on the whole image."""
     conv_w = {k[:-len(".weight")]: v for k, v in sd.items() if k.endswith(".weight")}
 
     def conv(t, key, groups=1):

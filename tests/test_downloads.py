@@ -24,7 +24,8 @@ TOWER = "clip-vit-large-patch14-336"
 TOWER_REPO = "openai/clip-vit-large-patch14-336"
 SD15 = "llmga-sd15-t2i-v2"
 DIFFRIR_MIRROR = "mirror/DiffRIR"
-# what a released MLLM repo holds beside the files the loader reads (mllm.md §2), and a .bin duplicate
+# what a released MLLM repo holds beside the files the loader reads (training leftovers, as LLMGA's training
+# scripts save them: trainer_state.json, training_args.bin), and a .bin duplicate
 MLLM_LEFTOVERS = {"training_args.bin": b"\x80\x04 trainer pickle", "README.md": b"# card\n",
                   "pytorch_model.bin": b"PK duplicate weights", "checkpoint-100/model.safetensors": b"old step"}
 TOWER_LEFTOVERS = {"pytorch_model.bin": b"PK duplicate", "tf_model.h5": b"HDF", "flax_model.msgpack": b"msgpack",
@@ -111,7 +112,8 @@ def test_an_mllm_lands_where_the_loader_finds_it_with_progress_in_bytes(sources,
     assert downloads.main([QWEN, "--models-dir", str(models), "--endpoint", hub.url]) == 0
     out = capsys.readouterr().out
     assert len(hub.requests) == asked
-    assert out == f"[llmga] {QWEN} -> {target} (complete already)\n"  # and its tower is in place
+    assert out == (f"[llmga] downloading into {models} (--models-dir)\n"
+                   f"[llmga] {QWEN} -> {target} (complete already)\n")  # and its tower is in place
 
 
 def test_the_command_prints_progress_lines_and_fetches_only_what_is_missing(sources, hub, tmp_path, capsys):
@@ -120,9 +122,109 @@ def test_the_command_prints_progress_lines_and_fetches_only_what_is_missing(sour
     assert downloads.main([QWEN, "--models-dir", str(models), "--endpoint", hub.url]) == 0
     out = capsys.readouterr().out.splitlines()
     size = sum(map(len, mllm_files(sources).values()))
-    assert out[0] == f"[llmga] {QWEN} -> {models / 'LLM' / QWEN} ({size / 1e3:.1f} kB from {hub.url}/{QWEN_REPO})"
+    assert out[0] == f"[llmga] downloading into {models} (--models-dir)"  # before anything is asked of the Hub
+    assert out[1] == f"[llmga] {QWEN} -> {models / 'LLM' / QWEN} ({size / 1e3:.1f} kB from {hub.url}/{QWEN_REPO})"
     assert out[-1] == f"[llmga]   downloading {QWEN}: 100% ({size / 1e3:.1f} kB of {size / 1e3:.1f} kB)"
     assert not any(TOWER_REPO in r.path for r in hub.requests)  # the tower was there: not asked for
+
+
+# ------------------------------------------------------------------------------- where the command writes
+
+def test_a_relative_models_dir_inside_comfyui_is_read_from_the_comfyui_folder(tmp_path):
+    """README's `--models-dir ComfyUI/models`, typed in ComfyUI/custom_nodes/<pack>, means <ComfyUI>/models (not
+    <pack>/ComfyUI/models); so do `models` and no --models-dir at all. Paths that start with . or .. and paths
+    given outside that ComfyUI are read from the current folder, as the shell reads them."""
+    comfyui = tmp_path / "ComfyUI"
+    pack = comfyui / "custom_nodes" / "comfyui-llmga"
+    models = comfyui / "models"
+
+    def resolve(models_dir, cwd=pack, root=comfyui):  # as the command passes it: the string typed
+        return downloads.resolve_models_dir(models_dir, cwd=cwd, comfyui=root)[0]
+
+    assert resolve(None) == models
+    assert resolve("ComfyUI/models") == models
+    assert resolve("models") == models
+    assert resolve("ComfyUI/models", cwd=comfyui / "input") == models
+    assert resolve("../../models") == models
+    assert resolve("./mine") == pack / "mine"
+    assert resolve("models", cwd=comfyui) == models
+    assert resolve("ComfyUI/models", cwd=tmp_path) == models  # outside ComfyUI: read from here
+    assert resolve("elsewhere/models", cwd=tmp_path) == tmp_path / "elsewhere" / "models"
+    assert resolve(str(tmp_path / "disk" / "models")) == tmp_path / "disk" / "models"
+    assert resolve(".") == pack and resolve("..") == pack.parent
+    portable = tmp_path / "comfy-0.33"  # a ComfyUI folder of another name: its own name or "ComfyUI" may lead
+    inside = portable / "custom_nodes" / "comfyui-llmga"
+    assert resolve("comfy-0.33/models", cwd=inside, root=portable) == portable / "models"
+    assert resolve("ComfyUI/models", cwd=inside, root=portable) == portable / "models"
+    assert downloads.resolve_models_dir(None, cwd=pack, comfyui=comfyui)[1] == \
+        f"the models folder of the ComfyUI this pack is installed in, {comfyui}"
+    with pytest.raises(DownloadError) as error:
+        downloads.resolve_models_dir(None, cwd=tmp_path, comfyui=None)
+    assert str(error.value) == ("Give the models folder to download into with --models-dir (ComfyUI/models): this "
+                                "pack is not inside a ComfyUI's custom_nodes folder, so there is no default.")
+
+
+def test_the_command_in_the_pack_folder_writes_into_comfyuis_models_folder_and_says_so_first(sources, hub, tmp_path):
+    """The command as README gives it, run in ComfyUI/custom_nodes/comfyui-llmga (a symlink to this repository,
+    as `ln -s` installs make it): the first line names <ComfyUI>/models, and the files land there."""
+    comfyui = tmp_path / "ComfyUI"
+    (comfyui / "custom_nodes").mkdir(parents=True)
+    (comfyui / "main.py").write_text("")
+    pack = comfyui / "custom_nodes" / "comfyui-llmga"
+    pack.symlink_to(REPO, target_is_directory=True)
+    models = comfyui / "models"
+    env = {**os.environ, "PWD": str(pack), "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+           "HF_HOME": str(tmp_path / "hf")}
+
+    def command(*args):
+        done = subprocess.run([sys.executable, "-m", "llmga_core.downloads", QWEN, *args], cwd=pack, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout.splitlines()
+
+    out = command("--models-dir", "ComfyUI/models")
+    assert out[0] == f"[llmga] downloading into {models} (--models-dir ComfyUI/models, read from the ComfyUI " \
+                     f"folder {comfyui})"
+    assert out[1].startswith(f"[llmga] {QWEN} -> {models / 'LLM' / QWEN} (")
+    assert tree(models / "LLM" / QWEN) == mllm_files(sources)
+    assert tree(models / "clip_vision" / TOWER) == tree(sources["tower"])
+    assert not (REPO / "ComfyUI").exists()  # nothing went into the pack folder
+
+    asked = len(hub.requests)  # no --models-dir: the same folder, where the download is complete already
+    assert command() == [f"[llmga] downloading into {models} (the models folder of the ComfyUI this pack is "
+                         f"installed in, {comfyui})", f"[llmga] {QWEN} -> {models / 'LLM' / QWEN} (complete already)"]
+    assert len(hub.requests) == asked
+
+
+def test_the_command_names_a_folder_an_older_version_filled_in_the_pack(sources, hub, tmp_path, monkeypatch, capsys):
+    """An older version of the command wrote `--models-dir ComfyUI/models` into <pack>/ComfyUI/models, which
+    ComfyUI never reads: the command now writes into <ComfyUI>/models and says what to do with the old folder."""
+    comfyui = tmp_path / "ComfyUI"
+    pack = comfyui / "custom_nodes" / "comfyui-llmga"
+    stale = pack / "ComfyUI" / "models"
+    (stale / "LLM").mkdir(parents=True)
+    monkeypatch.chdir(pack)
+    monkeypatch.setenv("PWD", str(pack))
+    monkeypatch.setattr(downloads, "_pack_comfyui", lambda: comfyui)
+    assert downloads.main([QWEN, "--models-dir", "ComfyUI/models", "--endpoint", hub.url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [
+        f"[llmga] downloading into {comfyui / 'models'} (--models-dir ComfyUI/models, read from the ComfyUI folder "
+        f"{comfyui})",
+        f"[llmga] note: {stale} is not read by ComfyUI (a download from an older version of this command may have "
+        f"gone there); move what it holds into {comfyui / 'models'}, or delete it."]
+    assert tree(comfyui / "models" / "LLM" / QWEN) == mllm_files(sources)
+    assert not list((stale / "LLM").iterdir())
+
+
+def test_the_command_without_models_dir_outside_comfyui_asks_for_one(monkeypatch, capsys):
+    monkeypatch.setattr(downloads, "_pack_comfyui", lambda: None)
+    assert downloads.main([QWEN]) == 2
+    err = capsys.readouterr().err
+    assert err == ("[llmga] error: Give the models folder to download into with --models-dir (ComfyUI/models): "
+                   "this pack is not inside a ComfyUI's custom_nodes folder, so there is no default.\n")
+    assert downloads.main(["llmga-no-such-model", "--models-dir", "m"]) == 2  # a typo: refused first
+    assert "is not a release this pack knows" in capsys.readouterr().err
 
 
 def test_an_interrupted_download_resumes_with_a_range_request(sources, hub, tmp_path, monkeypatch):

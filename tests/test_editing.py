@@ -1,7 +1,8 @@
-"""llmga_core.editing against an independent plain loop of editing.md's equations, on a tiny SD1.5 UNet.
+"""llmga_core.editing against an independent plain loop of the original's equations, on a tiny SD1.5 UNet.
 
-The reference below (`ref_*`) is written from ../shared/reference/editing.md (§4–§6 with §9's
-corrections) in numpy/torch float64 and imports nothing from llmga_core: ᾱ from the scaled_linear
+The reference below (`ref_*`) is written from the original's edit (LLMGA: llmga/serve/cli-sd15-editing.py, its
+pipeline llmga/diffusers/pipeline_semantic_stable_diffusion_img2img_solver_lpw_mask.py: generate_mask, invert and
+the re-sampling, with the scheduler llmga/diffusers/scheduling_dpmsolver_multistep_inject.py) in numpy/torch float64 and imports nothing from llmga_core: ᾱ from the scaled_linear
 betas, α/σ/λ per timestep, one UNet call per prediction, the solver written out per step.
 """
 from __future__ import annotations
@@ -164,7 +165,7 @@ def psnr(a, b):
 
 def test_timesteps_are_the_documented_truncated_linspace():
     ts = editing.timesteps()
-    assert ts[:5] == [749, 733, 718, 703, 687] and ts[-5:] == [62, 46, 31, 16, 1]  # editing.md §5.1
+    assert ts[:5] == [749, 733, 718, 703, 687] and ts[-5:] == [62, 46, 31, 16, 1]  # int(linspace(749, 1, 50))
     for steps, skip in [(50, 25), (10, 0), (30, 49.2), (1, 25), (749, 25), (1, 99.8), (2, 99.7)]:
         assert editing.timesteps(steps, skip) == ref_timesteps(steps, skip)
     assert editing.timesteps(30, 49.2)[0] == 506  # 1000 − 0.492·1000 − 1 = 506.99…, truncated

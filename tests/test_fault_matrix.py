@@ -332,7 +332,7 @@ FAULTS = [
           "LLMGAPromptGenerator", "no <gen_image> tag", "note"),
     # --- long-prompt encoder
     Fault("10,000-character prompt to the long-prompt encoder", lambda: render(text=LONG_TEXT),
-          "LLMGALongCLIPTextEncode", "encoding keeps the first 225 and drops the rest", "note"),
+          "LLMGALongCLIPTextEncode", "pipeline encodes at most 225, so it keeps the first 225 and drops the rest", "note"),
     Fault("SDXL pipeline on an SD1.5 CLIP", lambda: render(pipeline="sdxl"), "LLMGALongCLIPTextEncode",
           "needs an SDXL CLIP (CLIP-L + CLIP-G), but the connected CLIP is an SD1.5 CLIP"),
     # --- DiffRIR inputs

@@ -1,4 +1,5 @@
-"""llmga_core.long_prompt against the facts (reference/long_prompt_and_unet.md §1–§2).
+"""llmga_core.long_prompt against LLMGA's encoders (SD1.5: LLMGA: llmga/diffusers/examples/community/
+lpw_stable_diffusion.py; SDXL: LLMGA: llmga/diffusers/pipeline_stable_diffusion_xl_lpw.py `encode_prompt`).
 
 Token ids come from the real CLIP BPE vocabulary the host ships; embeddings from tiny seeded CLIP
 text models, compared with the reference encoders of tests/long_prompt_reference.py (written the way

@@ -180,17 +180,17 @@ def test_truncated_prompt_is_logged_not_fatal(node, clips, tiny, caplog):
     with caplog.at_level(logging.WARNING, logger="llmga"):
         (pos, _), (neg, _) = encode(node, clips["sd15"], text, pipeline="sd15")
     assert pos.shape == neg.shape == (1, 231, 32)
-    assert "The prompt has 260 tokens; LLMGA's sd15 encoding keeps the first 225" in caplog.text
+    assert "The prompt has 260 tokens; LLMGA's SD1.5 text-to-image pipeline encodes at most 225, so it keeps the first 225" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="llmga"):
         (pos, _), _ = encode(node, clips["sdxl"], "cat " * 310, pipeline="sdxl")
     assert pos.shape == (1, 302, 64)
-    assert "The prompt has 310 tokens; LLMGA's sdxl encoding keeps the first 300" in caplog.text
+    assert "The prompt has 310 tokens; LLMGA's SDXL text-to-image pipeline encodes at most 300, so it keeps the first 300" in caplog.text
 
 
 def test_truncation_is_shown_on_the_node(node, clips):
     out = node.execute(clip=clips["sd15"], text="cat " * 260, pipeline="sd15")
-    assert out.ui.as_dict()["text"][0].startswith("The prompt has 260 tokens; LLMGA's sd15 encoding keeps the first 225")
+    assert out.ui.as_dict()["text"][0].startswith("The prompt has 260 tokens; LLMGA's SD1.5 text-to-image pipeline encodes at most 225, so it keeps the first 225")
     assert node.execute(clip=clips["sd15"], text="a cat", pipeline="sd15").ui is None
 
 

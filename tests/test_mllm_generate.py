@@ -1,7 +1,7 @@
 """Greedy tokens of llmga_core.mllm against an independent reference, for every family.
 
-The reference (tests/mllm_reference.py) follows reference/mllm.md step by step with other means than the
-library, and decodes without a KV cache.
+The reference (tests/mllm_reference.py) follows the original's CLI path (LLMGA: llmga/serve/cli.py) step by step
+with other means than the library, and decodes without a KV cache.
 """
 from __future__ import annotations
 

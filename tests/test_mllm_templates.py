@@ -1,4 +1,5 @@
-"""Templates, task phrasing, output cut and caption parsing against reference/mllm.md §1, §5-§7."""
+"""Templates, task phrasing, output cut and caption parsing as the original does them (LLMGA: llmga/llava/
+conversation.py, llmga/serve/cli*.py, the training datasets' prompts in llmga/llava/datasets/)."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,8 @@ LLAMA2_SYS = ("You are LLMGA, a useful language and vision generation assistant.
               "the black mask parts of the image. If image generation is required, please provide a detailed "
               "description of the generated images in the form of <gen_image> DETAILED DESCRIPTION </gen_image>.")
 
-# reference/mllm.md §5: "Rendered one-turn prompts with an image, user text `Generate a similar image.`"
+# One-turn prompts with an image and the user text `Generate a similar image.`, as LLMGA: llmga/llava/conversation.py
+# `get_prompt` renders them for each template
 ONE_TURN = {
     "llava_v1": "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
                 "detailed, and polite answers to the human's questions. USER: <image>\nGenerate a similar image. "

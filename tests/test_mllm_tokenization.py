@@ -1,5 +1,5 @@
-"""The MLLM tokenizers as the original ran them, and the per-chunk `<image>` tokenization (reference/mllm.md §4,
-§9, §12, §13).
+"""The MLLM tokenizers as the original ran them (transformers 4.41: LLMGA: llmga/llava/model/builder.py picks the
+class), and the per-chunk `<image>` tokenization (LLMGA: llmga/llava/mm_utils.py `tokenizer_image_token`).
 
 References, none of which shares code with llmga_core.mllm.tokenization: the original's own stack (transformers
 4.41.2 + tokenizers 0.19.1 in a side venv, tests/oracles), the `tokenizers` library reading tokenizer.json, and
@@ -148,7 +148,7 @@ def test_slow_families_decode_byte_runs_as_sentencepiece(root, family):
     word = sp.piece_to_id("\u2581image")
     assert sp.id_to_piece(word) == "\u2581image"
     eos = sp.piece_to_id("</s>")
-    cases = {  # ids → the text reference/mllm.md §13 gives (SentencePiece: each undecodable byte alone → U+FFFD)
+    cases = {  # ids → the text the original's slow tokenizer decodes (SentencePiece: each undecodable byte alone → U+FFFD)
         (_byte(sp, 0x47), _byte(sp, 0xE6), word): "G\ufffd image",
         (_byte(sp, 0xF6), _byte(sp, 0x14), _byte(sp, 0xE1)): "\ufffd\x14\ufffd",
         (_byte(sp, 0xE9), _byte(sp, 0x9B), _byte(sp, 0xAA), word): "雪 image",  # a valid run stays

@@ -4,7 +4,7 @@ Today's loop (`LLMGAMLLM._decode` in model.py, the "dynamic" decoder) runs one P
 a growing DynamicCache. Here the cache is a transformers StaticCache sized to the request (its prompt positions +
 max_new_tokens, rounded up to a multiple of BUCKET), the prompt is prefilled into it eagerly as today, and every
 later token is one call of a step function with fixed shapes, which torch.compile compiles (once per model
-architecture, dtype, device and shape, see README "Speed") and which a GPU replays as a CUDA graph captured per
+architecture, dtype, device and shape, see docs/speed-and-memory.md) and which a GPU replays as a CUDA graph captured per
 request. Greedy decoding applies the repetition penalty (over a mask of the tokens seen), picks the token with
 argmax and writes it into the next step's input on the device, so the host reads tokens only to report them:
 each token on the CPU, where reading is free, and each GPU_BLOCK tokens on a GPU, where it is a synchronisation.
@@ -154,8 +154,8 @@ def _plain_linears(lm: nn.Module) -> list[nn.Linear]:
 
 
 def cpu_linear_choice(lm: nn.Module, dtype: torch.dtype, compiled: bool) -> str:
-    """The matrix-vector kernel of the CPU step. Compiled: "reduction" (on the 2-core AVX-512 machine of README
-    "Speed" ×1.3–1.8 faster than oneDNN's and ×1.7–2.3 than torch's default, which uses one core). Uncompiled:
+    """The matrix-vector kernel of the CPU step. Compiled: "reduction" (on 2 cores of an AVX-512 EPYC,
+    docs/speed-and-memory.md: ×1.3–1.8 faster than oneDNN's and ×1.7–2.3 than torch's default, which uses one core). Uncompiled:
     "onednn" or "default", the faster for this model's largest linear layer at the current thread count,
     measured once per process and shape (interleaved runs, best of five)."""
     if CPU_LINEAR is not None:

@@ -121,7 +121,7 @@ class LLMGAMLLM(Assistant):
         self._select_layer = int(info.config.get("mm_vision_select_layer", -2))
         self._select_feature = info.config.get("mm_vision_select_feature", "patch")
         self._sampling = sampling_config(info)
-        # "auto", "compiled", "static" or "dynamic" (the dynamic-cache loop): fast_decode.DECODERS, README "Speed"
+        # "auto", "compiled", "static" or "dynamic" (the dynamic-cache loop): fast_decode.DECODERS, docs/speed-and-memory.md
         self.decoder = "auto"
 
     # ------------------------------------------------------------------------------------- public

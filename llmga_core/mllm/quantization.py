@@ -5,7 +5,7 @@ BitsAndBytesConfig: LLM.int8() with the outlier threshold 6.0, or NF4 with doubl
 LLM dtype as compute dtype. The same bitsandbytes layers are used here, on the decoder's linear layers
 only: the LM head stays in the LLM dtype (transformers never converts the output embedding), and so do
 the vision tower and the projector (LLaVA loads CLIP apart, unquantised; the projector is kept too, see
-README). Each linear layer is quantised as soon as the loader has copied its weight, so a quantised load
+docs/fidelity.md). Each linear layer is quantised as soon as the loader has copied its weight, so a quantised load
 never holds the whole float model.
 
 bitsandbytes is imported only when a quantisation is asked for. Whether it runs on the target device is
