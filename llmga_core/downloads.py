@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import re
-import shlex
 import shutil
 import socket
 import sys
@@ -45,7 +44,10 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Optional
 from urllib.parse import quote
 
+from . import releases
 from .console import live_bar_class
+from .releases import (KIND_FOLDERS, RELEASES, VISION_TOWER, Release, _read_record, _record_path,  # noqa: F401
+                       release_for_model, resume_hint, target_folder)
 
 log = logging.getLogger("llmga")
 
@@ -56,61 +58,8 @@ __all__ = [
     "resolve_models_dir", "main",
 ]
 
-# models/ subfolder per kind (the loaders' folder_paths kinds)
-KIND_FOLDERS = {"mllm": "LLM", "vision_tower": "clip_vision", "sd": "diffusers", "diffrir": "diffrir", "vae": "vae"}
-NODE_NAME = "LLMGA Download Model"
-VISION_TOWER = "clip-vit-large-patch14-336"
-
 Progress = Callable[[int, int, str], None]  # (bytes present, bytes in all, file being fetched)
 
-
-@dataclass(frozen=True)
-class Release:
-    name: str  # the folder (or, for vae, the file) name the loader lists
-    kind: str  # a key of KIND_FOLDERS
-    repo_id: Optional[str]  # None: not on the Hub
-    note: str = ""
-
-    @property
-    def subfolder(self) -> str:
-        return KIND_FOLDERS[self.kind]
-
-    @property
-    def whole_folder(self) -> bool:
-        """The release is a folder of its own under the kind's folder (not loose files in it)."""
-        return self.kind in ("mllm", "vision_tower", "sd")
-
-
-def _mllm(name: str) -> Release:
-    return Release(name, "mllm", f"binxia/{name}")
-
-
-# LLMGA's README model links (MLLMs, English and Chinese; vision tower; SD), DiffRIR's README
-RELEASES: dict[str, Release] = {r.name: r for r in [
-    _mllm("llmga-vicuna-7b-v1.5-full-finetune"),
-    _mllm("llmga-llama-2-7b-chat-full-finetune"),
-    _mllm("llmga-mistral_instruct-full-finetune"),
-    _mllm("llmga-llama3-8b-it-full-finetune"),
-    _mllm("llmga-Qwen2-0.5B-full-finetune"),
-    _mllm("llmga-Qwen2-1.5B-full-finetune"),
-    _mllm("llmga-Qwen2-7B-full-finetune"),
-    _mllm("llmga-Phi-3-mini-128k-full-finetune"),
-    _mllm("llmga-gemma-2b-it-full-finetune"),
-    _mllm("llmga-cn-vicuna-7b-v1.5-full-finetune"),
-    _mllm("llmga-cn-llama3-8b-it-full-finetune"),
-    _mllm("llmga-cn-gemma-2b-it-full-finetune"),
-    _mllm("llmga-cn-Qwen2-0.5B-full-finetune"),
-    Release(VISION_TOWER, "vision_tower", "openai/clip-vit-large-patch14-336", "the MLLMs' CLIP vision tower"),
-    Release("llmga-sd15-t2i-v2", "sd", "binxia/llmga-sd15-t2i-v2"),
-    Release("llmga-sdxl-t2i", "sd", "binxia/llmga-sdxl-t2i"),
-    Release("llmga-sd15-inpainting-v2", "sd", "binxia/llmga-sd15-inpainting-v2"),
-    Release("llmga-sdxl-inpainting-v2", "sd", "binxia/llmga-sdxl-inpainting-v2"),
-    # released on Google Drive only, file names unknown (DiffRIR's README): a Hub mirror can be named with repo_id
-    Release("DiffRIR", "diffrir", None, "x1, x2 and x4 weights, on Google Drive (github.com/Zj-BinXia/DiffRIR)"),
-    # the VAE the original's editing CLI swaps in (stabilityai/sd-vae-ft-mse) as the single file ComfyUI loads
-    Release("vae-ft-mse-840000-ema-pruned.safetensors", "vae", "stabilityai/sd-vae-ft-mse-original",
-            "the VAE of LLMGA's editing"),
-]}
 
 # what to put where by hand, when the Hub cannot be asked which files a repository holds
 _FILES_BY_HAND = {
@@ -197,41 +146,11 @@ class DownloadPlan:
 
 def find_release(name: str) -> Release:
     """A release by its name (the folder the loaders list) or by its repository id."""
-    if name in RELEASES:
-        return RELEASES[name]
-    for release in RELEASES.values():
-        if release.repo_id == name:
-            return release
-    raise DownloadError(f"{name!r} is not a release this pack knows; choose one of "
-                        f"{', '.join(RELEASES)} (python -m llmga_core.downloads --list).")
-
-
-def release_for_model(subfolder: str, name: str) -> Optional[Release]:
-    """The release a loader's model name stands for (None when the name is not a released one)."""
-    for release in RELEASES.values():
-        if release.subfolder != subfolder:
-            continue
-        if release.name == name or (release.kind == "diffrir" and name.lower().startswith("diffrir")):
-            return release
-    return None
-
-
-def target_folder(release: Release, root) -> Path:
-    """Where `release` goes: root/<name> for a folder release, root itself for loose files (DiffRIR, a VAE)."""
-    root = Path(root)
-    return root / release.name if release.whole_folder else root
-
-
-def _record_path(target: Path, name: str) -> Path:
-    return Path(target) / ".cache" / "llmga" / f"{name}.json"
-
-
-def _read_record(target: Path, name: str) -> Optional[dict]:
-    try:
-        data = json.loads(_record_path(target, name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
+    release = releases.find_release(name)
+    if release is None:
+        raise DownloadError(f"{name!r} is not a release this pack knows; choose one of "
+                            f"{', '.join(RELEASES)} (python -m llmga_core.downloads --list).")
+    return release
 
 
 def is_complete(release: Release, root, *, repo_id: Optional[str] = None, revision: str = "main") -> bool:
@@ -251,20 +170,18 @@ def is_complete(release: Release, root, *, repo_id: Optional[str] = None, revisi
 
 
 def needs_vision_tower(mllm_target, clip_vision_roots: Iterable) -> bool:
-    """False when the MLLM's vision tower is already where the loaders look: beside or inside the MLLM folder, or in
-    a clip_vision root as a folder or as its single .safetensors file (a tower this module downloaded counts only
-    once complete)."""
-    tower = RELEASES[VISION_TOWER]
-    mllm_target = Path(mllm_target)
-    candidates = [mllm_target.parent / VISION_TOWER, mllm_target / VISION_TOWER]
-    for root in clip_vision_roots:
-        root = Path(root)
+    """False when the loader would find the MLLM's vision tower (releases.find_vision_tower: beside or inside the
+    MLLM folder, or in a clip_vision root as a folder or as its single .safetensors file); a tower this module
+    downloaded counts only once complete."""
+    roots = [Path(root) for root in clip_vision_roots]
+    for root in roots:
         if _read_record(root / VISION_TOWER, VISION_TOWER) is not None:
-            return not is_complete(tower, root)
-        if (root / f"{VISION_TOWER}.safetensors").is_file():
-            return False
-        candidates += [root / VISION_TOWER, root / "openai" / VISION_TOWER]
-    return not any((folder / "config.json").is_file() for folder in candidates)
+            return not is_complete(RELEASES[VISION_TOWER], root)
+    try:
+        releases.find_vision_tower(Path(mllm_target), {}, None, search=roots)
+    except releases.VisionTowerNotFoundError:
+        return True
+    return False
 
 
 # ------------------------------------------------------------------------------------------------ choosing files
@@ -654,43 +571,6 @@ def download(name: str, root, *, repo_id: Optional[str] = None, revision: str = 
     plan = plan_download(find_release(name), root, repo_id=repo_id, revision=revision, endpoint=endpoint, token=token)
     run_downloads([plan], progress)
     return plan.target
-
-
-# ------------------------------------------------------------------------------------------------ hints for loaders
-
-def resume_hint(path) -> Optional[str]:
-    """For a damaged or missing file of a released model: the command (and node) that resumes its download, as
-    the end of an error sentence; None when the file belongs to no release this module can fetch."""
-    path = Path(os.path.abspath(path))
-    for folder in path.parents:
-        for record_file in sorted((folder / ".cache" / "llmga").glob("*.json")):
-            record = _read_record(folder, record_file.stem)
-            release = RELEASES.get(record.get("release", "")) if record else None
-            if release is None or record.get("repo_id") is None:
-                continue
-            relative = path.relative_to(folder).as_posix()
-            if release.whole_folder or relative in record["files"]:
-                root = folder.parent if release.whole_folder else folder
-                return _hint(release, root, record["repo_id"])
-        if folder.name in RELEASES and RELEASES[folder.name].whole_folder:
-            release = RELEASES[folder.name]
-            if folder.parent.name == release.subfolder:
-                return _hint(release, folder.parent, release.repo_id)
-    release = RELEASES.get(path.name)
-    if release is not None and release.kind == "vae" and path.parent.name == release.subfolder:
-        return _hint(release, path.parent, release.repo_id)
-    return None
-
-
-def _hint(release: Release, root: Path, repo_id: str) -> str:
-    node = f"or queue the {NODE_NAME} node with {release.name}" + \
-           (f" and repo_id {repo_id}" if repo_id != release.repo_id else "")
-    if root.name != release.subfolder:
-        return f"{node} to resume the download"
-    command = ["python", "-m", "llmga_core.downloads", release.name, "--models-dir", str(root.parent)]
-    if repo_id != release.repo_id:
-        command += ["--repo-id", repo_id]
-    return f"`{shlex.join(command)}` (in the pack folder) resumes the download, {node}"
 
 
 # ------------------------------------------------------------------------------------------------ console

@@ -31,13 +31,9 @@ import uuid
 from pathlib import Path
 
 from .console import live_bar_class
+from .releases import (DIFFRIR_SOURCE, MLLM_FOLDER, VISION_TOWER, VISION_TOWER_FOLDER, VISION_TOWER_ID,
+                       release_for_model, source_of)
 
-# Released model folders (Hugging Face repo id = binxia/<folder>) by the ComfyUI models/ subfolder they go in.
-RELEASED_REPOS = {
-    "LLM": "binxia",
-    "diffusers": "binxia",
-}
-VISION_TOWER_REPO = "openai/clip-vit-large-patch14-336"
 MODEL_INPUTS = {  # (class_type, input) -> models/ subfolder
     ("LLMGAMLLMLoader", "model_name"): "LLM",
     ("LLMGARemoteMLLM", "model_name"): "LLM",  # its config and tokenizer
@@ -45,13 +41,10 @@ MODEL_INPUTS = {  # (class_type, input) -> models/ subfolder
     ("DiffRIRLoader", "model_name"): "diffrir",
     ("VAELoader", "vae_name"): "vae",
 }
-# The VAE the original's editing CLI swaps in (stabilityai/sd-vae-ft-mse), as the single file ComfyUI loads.
-EDIT_VAE_FILE, EDIT_VAE_REPO = "vae-ft-mse-840000-ema-pruned.safetensors", "stabilityai/sd-vae-ft-mse-original"
 TEXT_OUTPUT_NODES = ("LLMGAPromptGenerator",)
 PACK_DIR = Path(__file__).resolve().parents[1]
 EXAMPLE_IMAGES = PACK_DIR / "workflows"  # the example inputs the shipped workflows load
 DEVICE_FLAGS = ("--cpu", "--directml")  # the user already chose where ComfyUI computes
-DIFFRIR_SOURCE = "the DiffRIR release (github.com/Zj-BinXia/DiffRIR, 'pretrained models')"
 
 
 class WorkflowError(RuntimeError):
@@ -292,8 +285,6 @@ def describe_missing(missing, models_dir: str | None, server_url: str | None = N
     """The missing models with where they go: absolute folders when this command started ComfyUI itself
     (models_dir), folders relative to the server's own models folder with --server (models_dir None); then the
     command that downloads the released ones (`command`: this run's arguments, to repeat with --download)."""
-    from .downloads import release_for_model
-
     if models_dir is not None:
         lines = [f"These models are not installed in {models_dir}:"]
         where = lambda *parts: os.path.join(models_dir, *parts)  # noqa: E731
@@ -304,19 +295,13 @@ def describe_missing(missing, models_dir: str | None, server_url: str | None = N
         where = lambda *parts: "/".join(parts)  # noqa: E731
     download = ", or run again with --download" if models_dir is not None else ""
     for class_type, name, folder in missing:
-        if folder in RELEASED_REPOS:
-            source = f"huggingface.co/{RELEASED_REPOS[folder]}/{Path(name).name}{download}"
-        elif folder == "vae" and name == EDIT_VAE_FILE:
-            source = f"huggingface.co/{EDIT_VAE_REPO}{download}"
-        elif folder == "vae":
-            source = "wherever that VAE was published"
-        else:
-            source = DIFFRIR_SOURCE
+        source = source_of(folder, name)
+        if source.startswith("huggingface.co/"):
+            source += download
         lines.append(f"  - {name} for {class_type}: {where(folder, name)}  [from {source}]")
-    if any(folder == "LLM" for _, _, folder in missing):
-        tower = VISION_TOWER_REPO.split("/")[-1]
+    if any(folder == MLLM_FOLDER for _, _, folder in missing):
         lines.append(f"  - the MLLM also needs its CLIP vision tower, unless it is there already: "
-                     f"{where('clip_vision', tower)}  [from huggingface.co/{VISION_TOWER_REPO}{download}]")
+                     f"{where(VISION_TOWER_FOLDER, VISION_TOWER)}  [from huggingface.co/{VISION_TOWER_ID}{download}]")
     releases = [r for r in (release_for_model(folder, name) for _, name, folder in missing) if r and r.repo_id]
     if releases and models_dir is not None and "--download" not in (command or []):
         again = shlex.join(["python", "-m", "llmga_core.run_workflow", *command, "--download"]) if command else \
@@ -332,7 +317,7 @@ def describe_missing(missing, models_dir: str | None, server_url: str | None = N
 def download_models(missing, models_dir: Path) -> None:
     """Fetches the released models among `missing` into models_dir (an MLLM with its vision tower), with
     progress in bytes; refuses, before fetching anything, models that are not on the Hub."""
-    from .downloads import DownloadError, fetch_with_console, plans_for, release_for_model
+    from .downloads import DownloadError, fetch_with_console, plans_for
 
     releases = {}
     for class_type, name, folder in missing:

@@ -18,6 +18,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .releases import resume_hint
+
 __all__ = [
     "WeightFileError", "MissingShardError", "read_json", "shard_files", "check_weight_file", "tensor_shape",
     "iter_weights", "load_pickle", "load_weights",
@@ -67,8 +69,6 @@ def _is_safetensors(path: Path) -> bool:
 
 def _download_again(path: Path) -> str:
     """'download it again', with the command that resumes the download when the file belongs to a release."""
-    from .downloads import resume_hint
-
     hint = resume_hint(path)
     return f"download it again: {hint}" if hint else "download it again"
 

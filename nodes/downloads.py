@@ -13,8 +13,8 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..llmga_core.downloads import (KIND_FOLDERS, RELEASES, VISION_TOWER, is_complete, needs_vision_tower,
-                                    plan_download, run_downloads, target_folder)
+from ..llmga_core.downloads import is_complete, needs_vision_tower, plan_download, run_downloads
+from ..llmga_core.releases import KIND_FOLDERS, RELEASES, VISION_TOWER, target_folder
 from .paths import register_model_folders
 from .progress import step_reporter
 

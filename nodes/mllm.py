@@ -18,8 +18,9 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..llmga_core.mllm import TASKS, MLLMInputError, connect_mllm, load_mllm
-from ..llmga_core.mllm.loader import (VisionTowerNotFoundError, find_vision_tower, find_vision_tower_in,
-                                     is_vision_tower_folder, recognise)
+from ..llmga_core.mllm.loader import recognise
+from ..llmga_core.releases import (VisionTowerNotFoundError, find_vision_tower, find_vision_tower_in,
+                                   is_vision_tower_folder)
 from ..llmga_core.mllm.answers import AnswerMemo, answer_id, apply_edit
 from ..llmga_core.mllm.quantization import bitsandbytes_installed, check_available, install_command
 from ..llmga_core.mllm.streaming import RunningAnswer

@@ -11,13 +11,11 @@ import os
 
 import folder_paths
 
-MLLM_FOLDER = "LLM"
-DIFFRIR_FOLDER = "diffrir"
-SD_FOLDER = "diffusers"
+from ..llmga_core.releases import DIFFRIR_EXTENSIONS, DIFFRIR_FOLDER, MLLM_FOLDER, SD_FOLDER  # noqa: F401 (SD_FOLDER: nodes)
 
 # The weight files each file kind lists and loads. The host has no call that declares a kind's extensions
 # (add_model_folder_path gives a new kind none, which lists every file), so the pack filters its own lists.
-MODEL_EXTENSIONS = {DIFFRIR_FOLDER: (".pth", ".pt", ".safetensors")}
+MODEL_EXTENSIONS = {DIFFRIR_FOLDER: DIFFRIR_EXTENSIONS}
 
 _registered = False
 

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from llmga_core.mllm import load_mllm
-from llmga_core.mllm.loader import find_vision_tower, find_vision_tower_in, recognise, vision_config_from_weights
+from llmga_core.mllm.loader import recognise, vision_config_from_weights
+from llmga_core.releases import find_vision_tower, find_vision_tower_in
 from tests.fixtures.tiny_mllm import (RELEASED_NAMES, make_mllm_folder, make_vision_tower, make_vision_tower_file,
                                       shared_model_root)
 

@@ -12,22 +12,21 @@ inside the checkpoint.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from ..releases import VISION_TOWER_ID
 from ..weights import check_weight_file, iter_weights, read_json, shard_files
 from .templates import FAMILY_TEMPLATES
 
 log = logging.getLogger("llmga")
 
-VISION_TOWER_ID = "openai/clip-vit-large-patch14-336"
 
 FAMILIES = ("vicuna", "llama2", "llama3", "mistral", "qwen2", "phi3", "gemma")
 # family → transformers class name stem
@@ -266,97 +265,6 @@ def shrink_vocabulary(language_model: nn.Module, size: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ vision tower
-class VisionTowerNotFoundError(FileNotFoundError):
-    """No vision tower beside or inside the model folder; carries what a caller needs to say where it goes."""
-
-    def __init__(self, message: str, *, tower_id: str, folder_name: str):
-        super().__init__(message)
-        self.tower_id = tower_id
-        self.folder_name = folder_name
-
-
-def is_vision_tower_folder(path) -> bool:
-    """True for a CLIP folder (whole CLIP or vision-only config.json without LLaVA fields), so model lists can
-    leave out a vision tower that sits beside the MLLM folders."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False  # unreadable: listed, so that loading it says what is wrong
-    if not isinstance(config, dict) or "mm_vision_tower" in config or "mm_projector_type" in config:
-        return False
-    return config.get("model_type") in ("clip", "clip_vision_model") or "vision_config" in config
-
-
-def _single_file_tower(root: Path, tail: list[str]) -> Optional[Path]:
-    """`<name>.safetensors` (any letter case, or `<owner>_<name>`) in `root`: the one-file form of the tower
-    that ComfyUI users keep in models/clip_vision."""
-    names = {tail[-1].lower() + ".safetensors"}
-    if len(tail) > 1:
-        names.add(f"{tail[-2]}_{tail[-1]}".lower() + ".safetensors")
-    try:
-        entries = sorted(root.iterdir())
-    except OSError:
-        return None
-    for entry in entries:
-        if entry.name.lower() in names and entry.is_file():
-            return entry
-    return None
-
-
-def _tower_name_parts(tower_id: str) -> list[str]:
-    return str(tower_id).replace("\\", "/").rstrip("/").split("/")
-
-
-def find_vision_tower_in(roots: Iterable[str | Path], tower_id: str = VISION_TOWER_ID) -> Optional[Path]:
-    """The tower `tower_id` in one of `roots` (a host's models/clip_vision folders): a folder named like it
-    (or the openai/ layout) with a config.json, else its single .safetensors file; None when absent."""
-    tail = _tower_name_parts(tower_id)
-    roots = [Path(root) for root in roots]
-    for root in roots:
-        for candidate in (root / tail[-1], root.joinpath(*tail)):
-            if (candidate / "config.json").is_file():
-                return candidate
-    for root in roots:
-        single = _single_file_tower(root, tail)
-        if single is not None:
-            return single
-    return None
-
-
-def find_vision_tower(folder: Path, config: dict, explicit: Optional[str | Path],
-                      search: Iterable[str | Path] = ()) -> Path:
-    """The CLIP tower: `explicit` (a folder, or one .safetensors file), else a folder named like the config's
-    mm_vision_tower (e.g. clip-vit-large-patch14-336, or the openai/ layout) beside or inside the model folder,
-    else such a folder or a single `clip-vit-large-patch14-336.safetensors` in one of the `search` folders
-    (a host's models/clip_vision)."""
-    if explicit is not None:
-        path = Path(explicit)
-        if path.is_file() and path.suffix.lower() == ".safetensors":
-            return path
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"The vision tower folder {path} has no config.json; give the folder of "
-                                    f"{VISION_TOWER_ID} (config.json, preprocessor_config.json and weights) or its "
-                                    "weights as one .safetensors file.")
-        return path
-    tower_id = str(config.get("mm_vision_tower") or VISION_TOWER_ID)
-    if Path(tower_id).is_absolute() and (Path(tower_id) / "config.json").is_file():
-        return Path(tower_id)  # the original accepts an existing path here too
-    tail = _tower_name_parts(tower_id)
-    for base in (Path(folder).parent, Path(folder)):
-        for candidate in (base / tail[-1], base.joinpath(*tail)):
-            if (candidate / "config.json").is_file():
-                return candidate
-    found = find_vision_tower_in(search, tower_id)
-    if found is not None:
-        return found
-    raise VisionTowerNotFoundError(
-        f"The CLIP vision tower {tower_id} was not found: download {tower_id} (config.json, "
-        f"preprocessor_config.json and weights) into a folder named {tail[-1]} beside the model folder "
-        f"({Path(folder).parent / tail[-1]}) or under models/clip_vision/ (ComfyUI, where its weights alone as "
-        f"{tail[-1]}.safetensors also work), or pass its folder or .safetensors file as vision_tower.",
-        tower_id=tower_id, folder_name=tail[-1])
-
-
 # The openai/clip-vit-large-patch14-336 preprocessor_config.json (LLaVA's image processor), sized for a tower
 # that comes as a single weight file: resize the short side, centre-crop, CLIP's mean and std.
 def openai_preprocessor(image_size: int = 336) -> dict:

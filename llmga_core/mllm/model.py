@@ -22,9 +22,9 @@ from ..memory import trim_heap_when_freed
 from . import images as imaging
 from .assistant import Assistant, MLLMInputError, MLLMReply, _Request, _StepCounter  # noqa: F401 (public names)
 from .conversation import Conversation
+from ..releases import find_vision_tower
 from .loader import (FolderInfo, build_language_model, build_projector, check_vision_tower_fits, checkpoint_files,
-                     find_vision_tower, load_vision_tower, load_weights, native_config, recognise, shrink_vocabulary,
-                     vision_tower_pixels)
+                     load_vision_tower, load_weights, native_config, recognise, shrink_vocabulary, vision_tower_pixels)
 from . import quantization as quantizing
 from .sampling import forward_argument_names, next_token, sampling_config
 from .prompts import EDITING_FIRST_TURN
