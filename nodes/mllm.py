@@ -307,9 +307,10 @@ class LLMGAPromptGenerator(io.ComfyNode):
                 seed: int = 0, edited_prompt: str = "", edited_from: str = "") -> io.NodeOutput:
         pil_like = None if image is None else image[0, :, :, :3]
         mask_2d = None if mask is None else (mask[0] if mask.ndim == 3 else mask)
-        try:  # bad input fails here, before the model moves to the GPU
+        top_p_or_folder = None if top_p <= 0.0 else top_p  # 0: the folder's own top_p
+        try:  # bad input fails here, before the model moves to the GPU; generate reuses the checked request
             plan = mllm.mllm.plan(instruction, task=task, image=pil_like, mask=mask_2d, conversation=conversation,
-                                  max_new_tokens=max_new_tokens)
+                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p_or_folder)
         except MLLMInputError as e:
             raise ValueError(e.for_graph()) from None
         notes = []
@@ -332,9 +333,8 @@ class LLMGAPromptGenerator(io.ComfyNode):
                 partial.add(token_id)
 
             reply = mllm.mllm.generate(instruction, task=task, image=pil_like, mask=mask_2d,
-                                       conversation=conversation, temperature=temperature,
-                                       top_p=None if top_p <= 0.0 else top_p, max_new_tokens=max_new_tokens,
-                                       seed=seed, on_token=on_token)
+                                       conversation=conversation, temperature=temperature, top_p=top_p_or_folder,
+                                       max_new_tokens=max_new_tokens, seed=seed, on_token=on_token, plan=plan)
             ANSWERS.put(mllm, memo_key, reply)
         notes.extend(reply.notes)
         prompt, edit, edit_note = apply_edit(reply.prompt, edited_prompt, edited_from, answer)

@@ -186,3 +186,26 @@ def test_a_different_image_continuing_a_conversation_is_refused_by_validate(mode
     assert error.value.for_graph() == ("This conversation was started with another image; connect the same image "
                                        "(and mask) to continue it, or disconnect the conversation input to start a "
                                        "new one.")
+
+
+def test_generate_with_its_plan_checks_and_converts_the_request_once(models, monkeypatch):
+    """The node plans first (before the model moves) and generates with the plan: the image is converted, masked
+    and fingerprinted once, and the reply equals a generate call of its own."""
+    from llmga_core.mllm import images as imaging
+
+    mllm = models["qwen2"]
+    image = torch.rand(40, 56, 3)
+    mask = torch.zeros(40, 56)
+    mask[8:24, 10:30] = 1.0
+    expected = mllm.generate("", task="inpainting", image=image, mask=mask, max_new_tokens=6)
+    conversions = []
+    original = imaging.to_uint8_rgb
+    monkeypatch.setattr(imaging, "to_uint8_rgb", lambda value: conversions.append(1) or original(value))
+    plan = mllm.plan("", task="inpainting", image=image, mask=mask, max_new_tokens=6)
+    reply = mllm.generate("", task="inpainting", image=image, mask=mask, max_new_tokens=6, plan=plan)
+    assert len(conversions) == 1
+    assert reply.token_ids == expected.token_ids and reply.conversation.messages == expected.conversation.messages
+    with pytest.raises(ValueError, match="^The plan was made for other arguments than this generate call;"):
+        mllm.generate("", task="inpainting", image=image.clone(), mask=mask, max_new_tokens=6, plan=plan)
+    with pytest.raises(ValueError, match="^The plan was made for other arguments"):
+        mllm.generate("", task="inpainting", image=image, mask=mask, max_new_tokens=7, plan=plan)

@@ -40,6 +40,7 @@ class _Request:
     conversation: Conversation
     fingerprint: Optional[str]  # of the image the conversation shows (None: text only)
     seen: Optional[object]  # uint8 H×W×3 of a new image (holes blacked), None when reusing the conversation's
+    made_for: tuple = ()  # the arguments it was checked for (objects by identity), so generate can reuse it
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Assistant:
     def generate(self, instruction: str, *, task: str = "chat", image=None, mask=None,
                  conversation: Optional[Conversation] = None, temperature: float = 0.0, top_p: Optional[float] = None,
                  max_new_tokens: int = 512, seed: int = 0,
-                 on_token: Optional[Callable[[int, int], None]] = None) -> "MLLMReply":
+                 on_token: Optional[Callable[[int, int], None]] = None, plan=None) -> "MLLMReply":
         """One turn of the conversation (two for task="editing").
 
         instruction: the user's text. task: "chat" sends it verbatim; "text-to-image" sends "Generate an image
@@ -84,9 +85,17 @@ class Assistant:
         generate (blacked before CLIP). conversation: the previous reply's (never modified). temperature 0 is
         greedy; > 0 samples with a torch.Generator seeded with `seed`, the folder's top_k and top_p (or
         `top_p`). on_token(step, token_id): after every new token, step counting from 1; its exceptions
-        propagate (how a host interrupts).
+        propagate (how a host interrupts). plan: what `plan(...)` returned for these same arguments (the same
+        image, mask and conversation objects): its checked request is used instead of checking them again.
         """
-        request = self._request(instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens)
+        arguments = _arguments(instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens)
+        if plan is not None and getattr(plan, "request", None) is not None:
+            if plan.request.made_for != arguments:
+                raise ValueError("The plan was made for other arguments than this generate call; pass the same "
+                                 "instruction, task, image, mask, conversation and settings, or no plan.")
+            request = plan.request
+        else:
+            request = self._request(instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens)
         counter = _StepCounter(on_token)
         pixels = self._pixel_values(request)
         if task == "editing":
@@ -103,6 +112,12 @@ class Assistant:
 
     # ------------------------------------------------------------------------------ the request
     def _request(self, instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens) -> _Request:
+        request = self._checked(instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens)
+        request.made_for = _arguments(instruction, task, image, mask, conversation, temperature, top_p,
+                                      max_new_tokens)
+        return request
+
+    def _checked(self, instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens) -> _Request:
         """Every check of a generate call that needs no model, in the order a user fixes them."""
         if task not in TASKS:
             raise MLLMInputError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}.")
@@ -224,6 +239,12 @@ class Assistant:
         """The answer's token ids for the prompt `ids` (-200 where the image goes) and whether it stopped at
         max_new_tokens; `notes` takes warnings in plain words."""
         raise NotImplementedError
+
+
+def _arguments(instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens) -> tuple:
+    """What a checked request was made for: values, and the image, mask and conversation objects themselves."""
+    return (instruction, task, id(image), id(mask), id(conversation), float(temperature),
+            None if top_p is None else float(top_p), int(max_new_tokens))
 
 
 class _StepCounter:

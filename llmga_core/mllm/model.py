@@ -10,7 +10,7 @@ reproduced; they are listed in QUIRKS.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -77,6 +77,7 @@ class GenerationPlan:
     weights_bytes: int
     kv_cache_bytes: int
     activation_bytes: int
+    request: Optional[object] = field(default=None, repr=False, compare=False)  # for generate(plan=...)
 
     @property
     def working_bytes(self) -> int:
@@ -130,9 +131,11 @@ class LLMGAMLLM(Assistant):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def plan(self, instruction: str, *, task: str = "chat", image=None, mask=None,
-             conversation: Optional[Conversation] = None, max_new_tokens: int = 512) -> GenerationPlan:
-        """Validates the request (as validate) and says what generating it needs: progress steps and memory."""
-        request = self._request(instruction, task, image, mask, conversation, 0.0, None, max_new_tokens)
+             conversation: Optional[Conversation] = None, max_new_tokens: int = 512, temperature: float = 0.0,
+             top_p: Optional[float] = None) -> GenerationPlan:
+        """Validates the request (as validate) and says what generating it needs: progress steps and memory.
+        `generate(..., plan=the plan)` with the same arguments reuses the checked request."""
+        request = self._request(instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens)
         conv, has_image = request.conversation, request.fingerprint is not None
         first_with_image = has_image and not conv.messages
         if task == "editing":
@@ -154,7 +157,8 @@ class LLMGAMLLM(Assistant):
         activations = self._prefill_activation_bytes(prefill, item, has_image)
         turns = 2 if task == "editing" else 1
         return GenerationPlan(progress_steps=turns * max_new_tokens, positions=positions,
-                              weights_bytes=self.size_bytes(), kv_cache_bytes=kv, activation_bytes=activations)
+                              weights_bytes=self.size_bytes(), kv_cache_bytes=kv, activation_bytes=activations,
+                              request=request)
 
     def _pixel_values(self, request: _Request):
         """CLIP pixels of the request's image: new ones for a first image, else the conversation's (or None)."""

@@ -172,12 +172,12 @@ class RemoteMLLM(Assistant):
         return 0  # nothing of the model is held here
 
     def plan(self, instruction: str, *, task: str = "chat", image=None, mask=None, conversation=None,
-             max_new_tokens: int = 512) -> GenerationPlan:
+             max_new_tokens: int = 512, temperature: float = 0.0, top_p: Optional[float] = None) -> GenerationPlan:
         """Validates the request (as validate) and says what it needs here: progress steps, and no memory."""
-        request = self._request(instruction, task, image, mask, conversation, 0.0, None, max_new_tokens)
+        request = self._request(instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens)
         prompt_ids = self.tokenizer_ids(request.conversation.prompt(request.text))
         return GenerationPlan(progress_steps=max_new_tokens, positions=len(prompt_ids) + max_new_tokens,
-                              weights_bytes=0, kv_cache_bytes=0, activation_bytes=0)
+                              weights_bytes=0, kv_cache_bytes=0, activation_bytes=0, request=request)
 
     def tokenizer_ids(self, prompt: str) -> list[int]:
         from .tokenization import tokenizer_image_token
@@ -185,8 +185,8 @@ class RemoteMLLM(Assistant):
         return tokenizer_image_token(prompt, self.tokenizer)
 
     # ------------------------------------------------------------------------------------- the turn
-    def _request(self, instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens) -> _Request:
-        request = super()._request(instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens)
+    def _checked(self, instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens) -> _Request:
+        request = super()._checked(instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens)
         if request.fingerprint is not None or task == "editing":
             raise MLLMInputError(
                 f"The {task} task shows the model an image, and a served MLLM takes text turns only (the image "
