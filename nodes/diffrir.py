@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 import comfy.model_management as model_management
-import torch
 from comfy_api.latest import io, ui
 
 from ..llmga_core.diffrir import MIN_TILE_SIZE, load_diffrir, plan_restore, restore
@@ -47,10 +46,6 @@ class DiffRIRLoader(io.ComfyNode):
         return io.NodeOutput(net)
 
 
-def _to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
-    return tensor if tensor.shape[0] == batch else tensor.expand(batch, *tensor.shape[1:])
-
-
 class DiffRIRRestore(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -83,18 +78,12 @@ class DiffRIRRestore(io.ComfyNode):
         original = reference[..., :3].movedim(-1, 1)
         mask = mask if mask.dim() == 3 else mask.unsqueeze(0)
         mask = mask.unsqueeze(1)
-        batch = max(generated.shape[0], original.shape[0], mask.shape[0])
-        counts = (generated.shape[0], original.shape[0], mask.shape[0])
-        if any(n not in (1, batch) for n in counts):
-            raise ValueError(f"DiffRIR got {counts[0]} image(s), {counts[1]} reference(s) and {counts[2]} mask(s); "
-                             f"give one of each or the same number of each.")
-        generated, original, mask = (_to_batch(t, batch) for t in (generated, original, mask))
         plan = plan_restore(net, generated, original, mask, tile_size=tile_size)  # every check, before work
         device = model_management.get_torch_device()
         if plan.needs_network:  # with only empty masks the network is not moved at all
             model_management.free_memory(plan.memory_bytes, device)
             net.to(device)
-        report = step_reporter(batch)
+        report = step_reporter(max(generated.shape[0], original.shape[0], mask.shape[0]))
 
         def retry(tile: int) -> None:
             log.warning("DiffRIR ran out of memory; retrying with %d-pixel tiles.", tile)
@@ -103,7 +92,7 @@ class DiffRIRRestore(io.ComfyNode):
         try:
             restored = restore(net, generated, original, mask, seed=seed, tile_size=tile_size,
                                progress=report,  # after every tile: Cancel is checked there
-                               out_of_memory=(model_management.OOM_EXCEPTION,), on_retry=retry)
+                               out_of_memory=(model_management.OOM_EXCEPTION,), on_retry=retry, plan=plan)
         finally:
             if plan.needs_network:
                 net.to(model_management.unet_offload_device())

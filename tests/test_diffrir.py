@@ -399,8 +399,9 @@ def _bad(gen_shape, ref_shape, mask_shape):
      "The generated image and the reference must have 3 (RGB) channels; got 4 and 3."),
     (1, _bad((1, 3, 40, 56), (1, 3, 40, 56), (1, 2, 40, 56)), {},
      "The mask must have 1 channel (or 3, one per colour); got 2."),
-    (1, _bad((2, 3, 40, 56), (1, 3, 40, 56), (2, 1, 40, 56)), {},
-     "The batch sizes differ: 2 generated image(s), 1 reference(s) and 2 mask(s); give the same number of each."),
+    (1, _bad((2, 3, 40, 56), (3, 3, 40, 56), (2, 1, 40, 56)), {},
+     "The batch sizes differ: 2 generated image(s), 3 reference(s) and 2 mask(s); give one of each or the same "
+     "number of each (one reference or mask serves every image)."),
     (2, _bad((1, 3, 40, 56), (1, 3, 81, 112), (1, 1, 81, 112)), {},
      "The reference is 112×81 pixels, which this x2 DiffRIR model cannot use: its width and height must be "
      "multiples of 2; crop or resize it."),
@@ -546,8 +547,8 @@ def test_restore_node_errors_before_work(comfy_inprocess, node_module, model_fol
     with pytest.raises(ValueError) as error:
         node_module.DiffRIRRestore.execute(net, generated[:2].movedim(1, -1), reference.movedim(1, -1), mask[:, 0],
                                            seed=0, tile_size=0)
-    assert str(error.value) == ("DiffRIR got 2 image(s), 3 reference(s) and 3 mask(s); give one of each or the same "
-                                "number of each.")
+    assert str(error.value) == ("The batch sizes differ: 2 generated image(s), 3 reference(s) and 3 mask(s); give "
+                                "one of each or the same number of each (one reference or mask serves every image).")
     with pytest.raises(ValueError, match=r"^The mask is 48×64 pixels but the reference is 96×64"):
         node_module.DiffRIRRestore.execute(net, generated.movedim(1, -1), reference.movedim(1, -1),
                                            torch.ones(64, 48), seed=0, tile_size=0)
@@ -570,7 +571,7 @@ def test_restore_node_halves_the_tile_on_out_of_memory(comfy_inprocess, node_mod
     tiles = []
 
     def run_out_of_memory(module, args):  # the network's forward: args = (packed, z, tiled run or None)
-        tiles.append(None if args[2] is None else args[2].tile_q * 4)
+        tiles.append(None if args[2] is None else args[2].tile_quarter * 4)
         if failures["left"]:
             failures["left"] -= 1
             raise mm.OOM_EXCEPTION("CUDA out of memory (simulated)")
@@ -627,3 +628,23 @@ def test_plan_restore_checks_plans_memory_and_names_empty_masks(nets):
     assert not nothing.needs_network and nothing.memory_bytes == 0 and nothing.empty == (0, 1, 2)
     with pytest.raises(ValueError, match="^The mask is 48×64 pixels but the reference is 96×64"):
         plan_restore(net, generated, reference, torch.ones(3, 1, 64, 48))
+
+
+def test_one_reference_and_mask_serve_every_image_and_a_plan_is_not_checked_again(nets, monkeypatch):
+    """Batches of 1 broadcast (one reference and mask for several generated images) to the same result as the
+    expanded tensors; restore(plan=...) runs check_inputs only inside plan_restore."""
+    from llmga_core.diffrir import plan_restore, restoration
+
+    net = nets[2]
+    generated, reference, mask = images(2, 64, 96, batch=3)
+    one_reference, one_mask = reference[:1], mask[:1]
+    noise = torch.randn(3, net.config.prior_dim, generator=torch.Generator().manual_seed(4))
+    expected = restore(net, generated, one_reference.expand(3, -1, -1, -1).clone(),
+                       one_mask.expand(3, -1, -1, -1).clone(), noise=noise, tile_size=32)
+    checks = []
+    original = restoration.check_inputs
+    monkeypatch.setattr(restoration, "check_inputs", lambda *a, **k: checks.append(1) or original(*a, **k))
+    plan = plan_restore(net, generated, one_reference, one_mask, noise=noise, tile_size=32)
+    got = restore(net, generated, one_reference, one_mask, noise=noise, tile_size=32, plan=plan)
+    assert len(checks) == 1
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

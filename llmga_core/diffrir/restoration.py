@@ -7,7 +7,7 @@ masks, so a caller only translates its own values.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -56,9 +56,10 @@ def check_inputs(net: DiffRIRS2, generated, reference, mask, *, noise=None, tile
     if mask.shape[1] not in (1, 3):
         raise ValueError(f"The mask must have 1 channel (or 3, one per colour); got {mask.shape[1]}.")
     batches = (generated.shape[0], reference.shape[0], mask.shape[0])
-    if len(set(batches)) != 1:
+    if any(n not in (1, max(batches)) for n in batches):
         raise ValueError(f"The batch sizes differ: {batches[0]} generated image(s), {batches[1]} "
-                         f"reference(s) and {batches[2]} mask(s); give the same number of each.")
+                         f"reference(s) and {batches[2]} mask(s); give one of each or the same number of each (one "
+                         "reference or mask serves every image).")
     H, W = reference.shape[-2:]
     if H % s or W % s:
         raise ValueError(f"The reference is {_size(H, W)} pixels, which this x{s} DiffRIR model cannot use: "
@@ -76,12 +77,18 @@ def check_inputs(net: DiffRIRS2, generated, reference, mask, *, noise=None, tile
         raise ValueError(f"The reference is {_size(H, W)} pixels, too small for DiffRIR's reflect padding; "
                          f"a x{s} model needs at least {(half + 1) * s} pixels on each side.")
     if noise is not None:
-        expected = (generated.shape[0], net.config.prior_dim)
+        expected = (max(batches), net.config.prior_dim)
         if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != expected:
             got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
             raise ValueError(f"noise must have shape {expected}, one {expected[1]}-value starting point of the "
                              f"prior diffusion per image; got {got}.")
     _quarter_tile(tile_size)
+
+
+def broadcast_batch(generated, reference, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three inputs at the largest batch size: one image, reference or mask serves every image (a view)."""
+    batch = max(generated.shape[0], reference.shape[0], mask.shape[0])
+    return tuple(t if t.shape[0] == batch else t.expand(batch, *t.shape[1:]) for t in (generated, reference, mask))
 
 
 def pack_input(generated, reference, regenerated, scale: int) -> torch.Tensor:
@@ -115,11 +122,19 @@ class RestorePlan:
     needs_network: bool
     memory_bytes: int
     note: Optional[str]
+    made_for: tuple = field(default=(), repr=False, compare=False)  # restore(plan=...) reuses the checks
+
+
+def _arguments(net, generated, reference, mask, noise, tile_size) -> tuple:
+    return (id(net), id(generated), id(reference), id(mask), id(noise), tile_size)
 
 
 def plan_restore(net: DiffRIRS2, generated, reference, mask, *, noise=None, tile_size=None) -> RestorePlan:
-    """Checks the inputs as `restore` does (one ValueError, before any work) and plans the call."""
+    """Checks the inputs as `restore` does (one ValueError, before any work) and plans the call; `restore(...,
+    plan=the plan)` with the same arguments does not check them again."""
+    made_for = _arguments(net, generated, reference, mask, noise, tile_size)
     check_inputs(net, generated, reference, mask, noise=noise, tile_size=tile_size)
+    generated, reference, mask = broadcast_batch(generated, reference, mask)
     empty = tuple(empty_masks(mask))
     batch = generated.shape[0]
     note = None
@@ -138,19 +153,20 @@ def plan_restore(net: DiffRIRS2, generated, reference, mask, *, noise=None, tile
         tile = None if _quarter_tile(tile_size) is None else tile_size
         images = (generated.nelement() + 2 * reference.nelement() + mask.nelement()) * 4  # + the result
         memory = weights + estimate_memory(net, height, width, tile) + images
-    return RestorePlan(empty=empty, needs_network=needs_network, memory_bytes=memory, note=note)
+    return RestorePlan(empty=empty, needs_network=needs_network, memory_bytes=memory, note=note, made_for=made_for)
 
 
 def restore(net: DiffRIRS2, generated: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, *,
             noise: Optional[torch.Tensor] = None, seed: int = 0, tile_size: Optional[int] = None,
             composite: bool = True, progress: Optional[Callable[[int, int], None]] = None,
             out_of_memory: tuple = (torch.OutOfMemoryError,),
-            on_retry: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+            on_retry: Optional[Callable[[int], None]] = None, plan: Optional[RestorePlan] = None) -> torch.Tensor:
     """Repairs the regenerated region of each image against its reference.
 
     generated: B×3×h×w, the inpainted/outpainted image (h×w = reference size / net.scale);
     reference: B×3×H×W, the original image (its hole content is never used);
-    mask: B×1×H×W (or B×3×H×W), 1 = regenerated, binarised at ≥ 0.5. All floats in 0..1.
+    mask: B×1×H×W (or B×3×H×W), 1 = regenerated, binarised at ≥ 0.5. All floats in 0..1. Any of the three
+    may have a batch of 1, which then serves every image.
     noise: the B×D starting point of the prior diffusion (the tensor the original draws with
     torch.randn); otherwise one torch.randn(B, D) on a CPU generator seeded with `seed`.
     tile_size: output pixels per tile (rounded down to a multiple of 32), None or 0 for the whole
@@ -162,11 +178,14 @@ def restore(net: DiffRIRS2, generated: torch.Tensor, reference: torch.Tensor, ma
     out_of_memory: the exceptions that mean the device ran out of memory; the image is then run again
     with smaller_tile_size's tile (on_retry(tile) is called first, e.g. to empty a cache) until it fits
     or no smaller tile exists (then the exception propagates). Pass () to never retry.
+    plan: what plan_restore returned for these same arguments; its checks are not repeated.
     Returns B×3×H×W in 0..1, on the reference's device and in its dtype.
     """
-    check_inputs(net, generated, reference, mask, noise=noise, tile_size=tile_size)
-    tile_q = _quarter_tile(tile_size)
-    tile_size = None if tile_q is None else tile_size
+    if plan is None or plan.made_for != _arguments(net, generated, reference, mask, noise, tile_size):
+        check_inputs(net, generated, reference, mask, noise=noise, tile_size=tile_size)
+    generated, reference, mask = broadcast_batch(generated, reference, mask)
+    tile_quarter = _quarter_tile(tile_size)
+    tile_size = None if tile_quarter is None else tile_size
     batch = generated.shape[0]
     parameter = next(net.parameters())
     device, dtype = parameter.device, parameter.dtype
@@ -177,10 +196,10 @@ def restore(net: DiffRIRS2, generated: torch.Tensor, reference: torch.Tensor, ma
     H, W = reference.shape[-2:]
     m = PAD_MULTIPLE[net.scale]
     padded_in = (math.ceil(H // net.scale / m) * m, math.ceil(W // net.scale / m) * m)
-    hq, wq = padded_in[0] * net.scale // 4, padded_in[1] * net.scale // 4
+    height_quarter, width_quarter = padded_in[0] * net.scale // 4, padded_in[1] * net.scale // 4
 
     def steps_per_image(q):
-        return 1 if q is None else TiledRun.step_count(net.config, hq, wq, q)
+        return 1 if q is None else TiledRun.step_count(net.config, height_quarter, width_quarter, q)
 
     finished = 0  # steps of the images already done, which a retry does not repeat
     done = 0
@@ -189,7 +208,7 @@ def restore(net: DiffRIRS2, generated: torch.Tensor, reference: torch.Tensor, ma
         nonlocal done
         done += steps
         if progress is not None:
-            progress(done, finished + (batch - b) * steps_per_image(tile_q))
+            progress(done, finished + (batch - b) * steps_per_image(tile_quarter))
 
     results = []
     with torch.inference_mode():
@@ -197,19 +216,19 @@ def restore(net: DiffRIRS2, generated: torch.Tensor, reference: torch.Tensor, ma
             ref = reference[b:b + 1]
             if b in empty:
                 results.append(ref.clone())
-                tick(steps_per_image(tile_q))
+                tick(steps_per_image(tile_quarter))
                 finished = done
                 continue
             while True:
                 try:
                     sr = _restore_one(net, generated[b:b + 1], ref, regenerated[b:b + 1], noise[b:b + 1], device,
-                                      dtype, tile_q, tick, H, W)
+                                      dtype, tile_quarter, tick, H, W)
                     break
                 except out_of_memory:
                     smaller = smaller_tile_size(tile_size, H, W)
                     if smaller is None:
                         raise
-                    tile_size, tile_q, done = smaller, _quarter_tile(smaller), finished
+                    tile_size, tile_quarter, done = smaller, _quarter_tile(smaller), finished
                     if on_retry is not None:
                         on_retry(smaller)
             finished = done
@@ -218,11 +237,11 @@ def restore(net: DiffRIRS2, generated: torch.Tensor, reference: torch.Tensor, ma
     return torch.cat(results, dim=0)
 
 
-def _restore_one(net, generated, reference, regenerated, noise, device, dtype, tile_q, tick, H, W):
+def _restore_one(net, generated, reference, regenerated, noise, device, dtype, tile_quarter, tick, H, W):
     """The network's B=1 output for one image, clamped, on the reference's device and dtype."""
     packed = pack_input(generated.to(device, dtype), reference.to(device, dtype), regenerated.to(device, dtype),
                         net.scale)
-    run = None if tile_q is None else TiledRun(net.scale, tile_q, tick, H, W)
+    run = None if tile_quarter is None else TiledRun(net.scale, tile_quarter, tick, H, W)
     sr = net(packed, noise.to(device, dtype), run)[..., :H, :W]
     if run is None:
         tick()

@@ -77,15 +77,15 @@ def _conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, conv.weight, conv.bias)
 
 
-def _level_tile(tile_q: int, level: int) -> int:
+def _level_tile(tile_quarter: int, level: int) -> int:
     # Coarser levels have fewer pixels but more channels; 8 keeps tiles even (aligned shuffles).
-    return max(tile_q >> level, 8)
+    return max(tile_quarter >> level, 8)
 
 
-def _tail_tile(tile_q: int) -> int:
+def _tail_tile(tile_quarter: int) -> int:
     # The tail works at 512 channels on the ½ grid and 128 on the full grid: per pixel about three
     # times a level-1 block, so it gets a quarter of the tile's area.
-    return max(tile_q // 2, 8)
+    return max(tile_quarter // 2, 8)
 
 
 def _accumulator_dtype(device: torch.device) -> torch.dtype:
@@ -95,25 +95,26 @@ def _accumulator_dtype(device: torch.device) -> torch.dtype:
 class TiledRun:
     """Runs DIRformer and CPEN on one image tile by tile (network.WholeImage's methods, same values).
 
-    tile_q: tile side on the quarter grid (coarser levels and the tail use their own, see _level_tile
+    tile_quarter: tile side on the quarter grid (coarser levels and the tail use their own, see _level_tile
     and _tail_tile); tick() is called after every tile step; the output is cropped to out_h×out_w.
     """
 
-    def __init__(self, scale: int, tile_q: int, tick: Callable[[], None], out_h: int, out_w: int):
+    def __init__(self, scale: int, tile_quarter: int, tick: Callable[[], None], out_h: int, out_w: int):
         self.factor = 4 // scale  # input grid -> quarter grid
-        self.tile_q = tile_q
+        self.tile_quarter = tile_quarter
         self.tick = tick
         self.out_h, self.out_w = out_h, out_w
 
     @staticmethod
-    def step_count(config: DiffRIRConfig, hq: int, wq: int, tile_q: int) -> int:
-        """Tile steps for a quarter grid of hq×wq (the progress total)."""
-        tiles = [len(_tiles(hq >> level, wq >> level, _level_tile(tile_q, level))) for level in range(4)]
+    def step_count(config: DiffRIRConfig, height_quarter: int, width_quarter: int, tile_quarter: int) -> int:
+        """Tile steps for a quarter grid of height_quarter×width_quarter (the progress total)."""
+        tiles = [len(_tiles(height_quarter >> level, width_quarter >> level, _level_tile(tile_quarter, level)))
+                 for level in range(4)]
         n0, n1, n2, n3 = tiles
         b0, b1, b2, b3 = config.num_blocks
         blocks = 2 * (2 * b0 * n0 + 2 * b1 * n1 + 2 * b2 * n2 + b3 * n3 + config.num_refinement_blocks * n0)
         resampling = n0 + n1 + n2 + n3 + n2 + n1  # three downsamplings, three upsamplings
-        tail = len(_tiles(hq, wq, _tail_tile(tile_q)))
+        tail = len(_tiles(height_quarter, width_quarter, _tail_tile(tile_quarter)))
         return n0 + n0 + blocks + resampling + tail  # + prior and patch embedding
 
     def _quarter_input(self, packed: torch.Tensor, window: _Window) -> torch.Tensor:
@@ -121,10 +122,10 @@ class TiledRun:
 
     def condition(self, cpen: CPEN, packed: torch.Tensor) -> torch.Tensor:
         """CPEN with its mean pooled over tiles (each tile computed with the full receptive halo)."""
-        hq, wq = packed.shape[-2] // self.factor, packed.shape[-1] // self.factor
+        height_quarter, width_quarter = packed.shape[-2] // self.factor, packed.shape[-1] // self.factor
         layers = list(cpen.E)[:-1]  # the pooling is the sum below
         total = None
-        for tile in _tiles(hq, wq, self.tile_q):
+        for tile in _tiles(height_quarter, width_quarter, self.tile_quarter):
             window = tile.grow(cpen.receptive_halo)
             x = self._quarter_input(packed, window)
             for layer in layers:
@@ -140,14 +141,14 @@ class TiledRun:
             part = tile.within(x, window).sum(dim=(2, 3), dtype=_accumulator_dtype(x.device))
             total = part if total is None else total + part
             self.tick()
-        pooled = (total / (hq * wq)).to(packed.dtype)
+        pooled = (total / (height_quarter * width_quarter)).to(packed.dtype)
         return cpen.mlp(pooled)
 
     def patch_embed(self, patch_embed: PatchEmbed, packed: torch.Tensor, factor: int) -> torch.Tensor:
         proj = patch_embed.proj
-        hq, wq = packed.shape[-2] // factor, packed.shape[-1] // factor
-        out = packed.new_empty(1, proj.out_channels, hq, wq)
-        for tile in _tiles(hq, wq, self.tile_q):
+        height_quarter, width_quarter = packed.shape[-2] // factor, packed.shape[-1] // factor
+        out = packed.new_empty(1, proj.out_channels, height_quarter, width_quarter)
+        for tile in _tiles(height_quarter, width_quarter, self.tile_quarter):
             window = tile.grow(1)
             y, inner = _conv3x3(proj, self._quarter_input(packed, window), window)
             tile.of(out).copy_(tile.within(y, inner))
@@ -158,7 +159,7 @@ class TiledRun:
         """Runs the transformer blocks of one stage; consumes `x`."""
         if len(stage) == 0:
             return x
-        tiles = _tiles(x.shape[-2], x.shape[-1], _level_tile(self.tile_q, level))
+        tiles = _tiles(x.shape[-2], x.shape[-1], _level_tile(self.tile_quarter, level))
         nxt, values = torch.empty_like(x), torch.empty_like(x)
         for block in stage:
             self.block(block, x, nxt, values, k_v, tiles)
@@ -208,7 +209,7 @@ class TiledRun:
             self.tick()
 
     def down(self, down: Downsample, x: torch.Tensor, level: int) -> torch.Tensor:
-        conv, tile = down.body[0], _level_tile(self.tile_q, level)
+        conv, tile = down.body[0], _level_tile(self.tile_quarter, level)
         out = x.new_empty(1, 2 * x.shape[1], x.shape[-2] // 2, x.shape[-1] // 2)
         for window in _tiles(x.shape[-2], x.shape[-1], tile):
             y, inner = _conv3x3(conv, window.grow(1).of(x), window.grow(1))
@@ -217,7 +218,7 @@ class TiledRun:
         return out
 
     def up(self, up: Upsample, x: torch.Tensor, skip: torch.Tensor, reduce: Optional[nn.Conv2d], level: int):
-        conv, tile = up.body[0], _level_tile(self.tile_q, level)
+        conv, tile = up.body[0], _level_tile(self.tile_quarter, level)
         channels = reduce.out_channels if reduce is not None else conv.out_channels // 4 + skip.shape[1]
         out = x.new_empty(1, channels, skip.shape[-2], skip.shape[-1])
         for window in _tiles(x.shape[-2], x.shape[-1], tile):
@@ -233,7 +234,7 @@ class TiledRun:
         (conv_a, _, conv_b, _), conv_c = G.tail
         s, out_h, out_w = G.scale, self.out_h, self.out_w
         out = x.new_empty(1, 3, out_h, out_w)
-        for tile in _tiles(x.shape[-2], x.shape[-1], _tail_tile(self.tile_q)):
+        for tile in _tiles(x.shape[-2], x.shape[-1], _tail_tile(self.tile_quarter)):
             full = tile.scaled(4)
             if full.top < out_h and full.left < out_w:  # tiles wholly in the padding are not computed
                 window = tile.grow(2)
