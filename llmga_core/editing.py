@@ -49,6 +49,8 @@ __all__ = [
     "draw_noise",
     "EditNoise",
     "posterior_sample",
+    "caption_embeddings",
+    "mask_latents",
     "edit_mask",
     "invert",
     "resample",
@@ -545,6 +547,33 @@ class EditEmbeds:
     target_uncond: torch.Tensor  # "", padded to target's length
 
 
+def caption_embeddings(source_prompt: str, target_prompt: str, *, long_prompt, plain_prompt) -> EditEmbeds:
+    """The six encodings of an edit, per phase as the original makes them (llmga/serve/cli-sd15-editing.py):
+    the mask phase encodes target and source captions in one long-prompt batch with the SD1.5 text-to-image
+    pipeline's recipe (at most 225 tokens); the inversion a plain 77-token call of the source caption and of "";
+    the re-sampling the target caption and "" with the editing pipeline's long-prompt call, whose 4-chunk limit
+    (300 tokens) is the SD1.5 inpainting recipe's.
+
+    long_prompt(prompt, negative_prompt, pipeline, phase) -> (embeds, negative_embeds): LLMGA's long-prompt
+    encoding (llmga_core.long_prompt) on the caller's CLIP; phase ("edit mask" or "re-sampling") names the step
+    in any note. plain_prompt(text) -> 1×77×C: the plain tokenizer call through the last CLIP layer."""
+    mask_target, mask_source = long_prompt(target_prompt, source_prompt, "sd15", "edit mask")
+    target, target_uncond = long_prompt(target_prompt, "", "sd15-inpaint", "re-sampling (editing allows 300 tokens)")
+    return EditEmbeds(mask_source=mask_source, mask_target=mask_target,
+                      inversion_source=plain_prompt(source_prompt), inversion_uncond=plain_prompt(""),
+                      target=target, target_uncond=target_uncond)
+
+
+def mask_latents(x0: torch.Tensor, moments: Optional[torch.Tensor], noise: "EditNoise") -> tuple[torch.Tensor, bool]:
+    """The mask phase's VAE posterior samples × LATENT_SCALE, and whether they are the real posterior's. moments:
+    the encoder's B×2C×h×w output (mean, logvar) when the VAE exposes it; without it every sample is the mean
+    (x0 ÷ LATENT_SCALE with a logvar of −30, the clamp's floor), which the caller should say."""
+    usable = moments is not None and moments.shape[1] == 2 * x0.shape[1] and moments.shape[2:] == x0.shape[2:]
+    if not usable:
+        moments = torch.cat([x0 / LATENT_SCALE, torch.full_like(x0, -30.0)], dim=1)
+    return posterior_sample(moments, noise.posterior) * LATENT_SCALE, usable
+
+
 @dataclass
 class EditResult:
     """latents: 1×C×h×w, resample's output (VP scaling at t = 0) or, when the mask selects nothing,
@@ -595,8 +624,12 @@ def edit(predict_noise: PredictNoise, x0: torch.Tensor, embeds: EditEmbeds, nois
          mask_latents: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, steps: int = 50,
          skip: float = 25, source_guidance: float = 3.5, target_guidance: float = 7.5,
          threshold_ratio: float = 3.0, mask_timestep: int = MASK_TIMESTEP,
-         progress: Optional[Progress] = None, max_batch: Optional[int] = None) -> EditResult:
+         progress: Optional[Progress] = None, max_batch: Optional[int] = None,
+         step_timesteps: Optional[list[int]] = None) -> EditResult:
     """The CLI's edit: edit_mask, invert, resample with its defaults, checked before any UNet call.
+
+    step_timesteps: what timesteps(steps, skip) returned, when the caller made it already (steps and skip are
+    then not read).
 
     x0: the VAE mode × LATENT_SCALE (1×C×h×w). mask_latents: the posterior samples × LATENT_SCALE
     (posterior_sample(moments, noise.posterior) × LATENT_SCALE), needed unless `mask` (bool h×w at
@@ -609,7 +642,7 @@ def edit(predict_noise: PredictNoise, x0: torch.Tensor, embeds: EditEmbeds, nois
     mask calls nothing. Its exceptions (the host's interrupt) propagate.
     """
     _check_latents(x0, "x0")
-    steps_list = timesteps(steps, skip)
+    steps_list = timesteps(steps, skip) if step_timesteps is None else list(step_timesteps)
     for name in EditEmbeds.__dataclass_fields__:
         _check_embeds(getattr(embeds, name), f"embeds.{name}")
     schedule = _Schedule(alphas_cumprod, x0.dtype)

@@ -81,13 +81,13 @@ def inversion_chunk(clip, text: str) -> torch.Tensor:
 
 
 def edit_embeddings(clip, source_prompt: str, target_prompt: str, notes: list[str]) -> editing.EditEmbeds:
-    """The six encodings of an edit, per phase as the original (llmga/serve/cli-sd15-editing.py)."""
+    """The edit's encodings on the host's CLIP, per phase as llmga_core.editing.caption_embeddings says."""
     if clip_family(clip) != "sd15":
         raise ValueError("LLMGA Edit needs the SD1.5 CLIP (CLIP-L) of LLMGA's SD1.5 checkpoint; connect the "
                          "checkpoint loader's CLIP.")
     specs = host_tokenizer_specs(clip, ("l",))
 
-    def lpw(prompt: str, negative: str, pipeline: str, phase: str):
+    def long_prompt(prompt: str, negative: str, pipeline: str, phase: str):
         recipe = recipe_for(pipeline)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PromptTruncatedWarning)
@@ -98,14 +98,8 @@ def edit_embeddings(clip, source_prompt: str, target_prompt: str, notes: list[st
                 notes.append(f"{phase}: {w.message}")
         return embeds["prompt_embeds"], embeds["negative_prompt_embeds"]
 
-    # mask phase: target and source in one lpw batch (both padded to one chunk count, at most 3)
-    mask_target, mask_source = lpw(target_prompt, source_prompt, "sd15", "edit mask")
-    # re-sampling: the editing pipeline's lpw call allows 4 chunks, the limit of the inpainting pipeline's recipe
-    target, target_uncond = lpw(target_prompt, "", "sd15-inpaint", "re-sampling (editing allows 300 tokens)")
-    return editing.EditEmbeds(mask_source=mask_source, mask_target=mask_target,
-                              inversion_source=inversion_chunk(clip, source_prompt),
-                              inversion_uncond=inversion_chunk(clip, ""), target=target,
-                              target_uncond=target_uncond)
+    return editing.caption_embeddings(source_prompt, target_prompt, long_prompt=long_prompt,
+                                      plain_prompt=lambda text: inversion_chunk(clip, text))
 
 
 # ---------------------------------------------------------------------------------------- UNet and VAE
@@ -152,17 +146,13 @@ class _MomentsOfEncode:
             self.handle.remove()
 
 
-def encode_image(vae, model, pixels: torch.Tensor, notes: list[str]):
+def encode_image(vae, model, pixels: torch.Tensor):
     """x0 (VAE mode × 0.18215) and the posterior moments (None when the VAE did not expose them)."""
     latent_format = model.get_model_object("latent_format")
     with _MomentsOfEncode(vae) as record:
         mode = vae.encode(pixels[None])
     x0 = latent_format.process_in(mode.float())
-    moments = record.captured[0] if len(record.captured) == 1 else None
-    if moments is None or moments.shape[1] != 2 * x0.shape[1] or moments.shape[2:] != x0.shape[2:]:
-        notes.append("the VAE did not expose its posterior, so the mask used its mean for every sample")
-        moments = None
-    return x0, moments
+    return x0, record.captured[0] if len(record.captured) == 1 else None
 
 
 # ---------------------------------------------------------------------------------------- the node
@@ -189,7 +179,7 @@ class LLMGAEdit(io.ComfyNode):
                 io.String.Input("target_prompt", multiline=True, force_input=True,
                                 tooltip="Caption of the edited image: the Prompt Generator's prompt (editing "
                                         "task)."),
-                io.Int.Input("steps", default=50, min=1, max=1000,
+                io.Int.Input("steps", default=50, min=1, max=editing.max_steps(0),
                              tooltip="Inversion and re-sampling steps (the original's --steps, 50)."),
                 io.Int.Input("skip", default=25, min=0, max=99,
                              tooltip="Percent of the noise schedule skipped: 25 starts at t = 749 (--skip)."),
@@ -238,13 +228,13 @@ class LLMGAEdit(io.ComfyNode):
             notes.append(f"edited the first of {image.shape[0]} images")
 
         embeds = edit_embeddings(clip, source_prompt, target_prompt, notes)
-        x0, moments = encode_image(vae, model, prepared.image, notes)
+        x0, moments = encode_image(vae, model, prepared.image)
         noise = editing.draw_noise(seed, x0.shape[1:], steps=len(steps_list))
         mask_latents = None
         if latent_mask is None:
-            if moments is None:
-                moments = torch.cat([x0 / editing.LATENT_SCALE, torch.full_like(x0, -30.0)], dim=1)
-            mask_latents = editing.posterior_sample(moments, noise.posterior) * editing.LATENT_SCALE
+            mask_latents, from_posterior = editing.mask_latents(x0, moments, noise)
+            if not from_posterior:
+                notes.append("the VAE did not expose its posterior, so the mask used its mean for every sample")
 
         planned = editing.unet_calls(len(steps_list), mask=latent_mask is None, embeds=embeds)
         report = step_reporter(sum(planned.values()))
@@ -256,7 +246,7 @@ class LLMGAEdit(io.ComfyNode):
             editing.predict_noise_from_denoiser(host_denoiser(model), alphas_cumprod), x0.to(model.load_device),
             embeds, noise, alphas_cumprod=alphas_cumprod,
             mask_latents=None if mask_latents is None else mask_latents.to(model.load_device),
-            mask=latent_mask, steps=steps, skip=skip, source_guidance=source_guidance,
+            mask=latent_mask, step_timesteps=steps_list, source_guidance=source_guidance,
             target_guidance=target_guidance, threshold_ratio=mask_threshold_ratio,
             progress=report)  # after every UNet call: Cancel is checked there
 

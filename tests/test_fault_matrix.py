@@ -366,7 +366,7 @@ FAULTS = [
           "the connected MODEL is an SDXL model; load the llmga-sd15-t2i checkpoint"),
     Fault("inpainting MODEL to LLMGA Edit", lambda: edit(model=SD15_INPAINT, **EDIT_CAPTIONS), "LLMGAEdit",
           "the connected MODEL is an inpainting UNet"),
-    Fault("LLMGA Edit steps out of range for skip", lambda: edit(steps=1000, skip=99), "LLMGAEdit",
+    Fault("LLMGA Edit steps out of range for skip", lambda: edit(steps=999, skip=99), "LLMGAEdit",
           "steps must be a whole number from 1 to"),
     Fault("LLMGA Edit with an empty source caption", lambda: edit(source=" "), "LLMGAEdit", "source_prompt is empty"),
     Fault("LLMGA Edit mask of another size", lambda: edit(mask=["mk", 0], extra={"mk": solid_mask(1.0, 32, 32)}),
