@@ -21,7 +21,7 @@ from comfy_api.latest import io, ui
 
 from ..llmga_core import editing
 from ..llmga_core.long_prompt import PromptTruncatedWarning, encode_with_backend, plain_chunk_ids, recipe_for
-from .long_prompt import clip_family, host_chunk_encoder, host_tokenizer_specs
+from .host_clip import clip_family, host_chunk_encoder, host_tokenizer_specs
 from .progress import step_reporter
 
 log = logging.getLogger("llmga")

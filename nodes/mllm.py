@@ -21,7 +21,7 @@ from ..llmga_core.mllm import TASKS, MLLMInputError, connect_mllm, load_mllm
 from ..llmga_core.mllm.loader import recognise
 from ..llmga_core.releases import (VisionTowerNotFoundError, find_vision_tower, find_vision_tower_in,
                                    is_vision_tower_folder)
-from ..llmga_core.mllm.answers import AnswerMemo, answer_id, apply_edit
+from ..llmga_core.mllm.answers import AnswerMemo, answer_id, apply_edit, memo_key
 from ..llmga_core.mllm.quantization import bitsandbytes_installed, check_available, install_command
 from ..llmga_core.mllm.streaming import RunningAnswer
 from .memory import model_patcher
@@ -318,8 +318,8 @@ class LLMGAPromptGenerator(io.ComfyNode):
             notes.append(f"The image batch has {image.shape[0]} images; the assistant looks at the first.")
         answer = answer_id(mllm.mllm, task, instruction, pil_like, mask_2d, conversation, temperature, top_p,
                            max_new_tokens, seed)
-        memo_key = f"{answer}:{int(seed)}"  # the memo keeps the seed even when greedy: a new seed runs again
-        reply = ANSWERS.get(mllm, memo_key)
+        key = memo_key(answer, seed)
+        reply = ANSWERS.get(mllm, key)
         if reply is None:
             if mllm.patcher is not None:  # a served model (LLMGA Remote MLLM) holds nothing here
                 mm.load_models_gpu([mllm.patcher], memory_required=plan.working_bytes, force_full_load=True)
@@ -335,7 +335,7 @@ class LLMGAPromptGenerator(io.ComfyNode):
             reply = mllm.mllm.generate(instruction, task=task, image=pil_like, mask=mask_2d,
                                        conversation=conversation, temperature=temperature, top_p=top_p_or_folder,
                                        max_new_tokens=max_new_tokens, seed=seed, on_token=on_token, plan=plan)
-            ANSWERS.put(mllm, memo_key, reply)
+            ANSWERS.put(mllm, key, reply)
         notes.extend(reply.notes)
         prompt, edit, edit_note = apply_edit(reply.prompt, edited_prompt, edited_from, answer)
         if edit_note:

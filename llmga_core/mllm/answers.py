@@ -31,6 +31,12 @@ def answer_id(model, task, instruction, image, mask, conversation, temperature, 
     return digest.hexdigest()[:16]
 
 
+def memo_key(answer: str, seed) -> str:
+    """The key a remembered reply is kept under: the answer id plus the seed even when decoding is greedy (where
+    the id ignores it), so that a new seed (a node's control_after_generate) generates again, as a user asks."""
+    return f"{answer}:{int(seed)}"
+
+
 class AnswerMemo:
     """The last replies by answer id, so running a node again for an edited prompt (which changes its inputs,
     not its answer) does not generate again. An entry lives only as long as its owner (the loaded model that
