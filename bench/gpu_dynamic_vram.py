@@ -26,6 +26,7 @@ usage: LLMGA_COMFYUI_DIR=~/.cache/llmga-comfyui/ComfyUI-0.33.0 .venv-comfyui-0.3
            bench/gpu_dynamic_vram.py [--mllm-gb 12] [--card-gb 16] [--size 1024] [--steps 2] [--variants ...]
        --cpu-smoke: the same steps under --cpu at tiny sizes (checks that the script runs; no verdict)
 Exit status: 0 the pack variant passed, 1 it did not, 2 refused (no CUDA GPU).
+bench/gpu_check.py runs it as its "memory" part (run_variants), with the other GPU checks.
 """
 from __future__ import annotations
 
@@ -300,6 +301,48 @@ def verdict(result: dict) -> dict:
     return {"passed": all(checks.values()), **checks}
 
 
+def run_variants(variants, *, mllm_gb: float, card_gb: float, size: int, steps: int, smoke: bool,
+                 timeout: float | None = None, on_result=None, log=print) -> list[dict]:
+    """Each variant in its own process (steps 1-4 there); returns their results in order. A variant that fails or
+    outlasts `timeout` seconds gives {"variant", "failed"} (and "output": the end of what it printed).
+    on_result(result) after each variant (bench/gpu_check.py saves there as it goes)."""
+    results = []
+    for variant in variants:
+        cmd = [sys.executable, __file__, "--worker", variant, "--mllm-gb", str(mllm_gb), "--card-gb", str(card_gb),
+               "--size", str(size), "--steps", str(steps), *(["--cpu-smoke"] if smoke else [])]
+        log(f"== {variant}")
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except subprocess.TimeoutExpired as expired:
+            output = (expired.stdout or b"")[-3000:], (expired.stderr or b"")[-3000:]
+            results.append({"variant": variant, "failed": f"timed out after {timeout:.0f} s",
+                            "output": "".join(o.decode(errors="replace") if isinstance(o, bytes) else o
+                                              for o in output)})
+        else:
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                log(proc.stdout[-3000:] + proc.stderr[-6000:])
+                results.append({"variant": variant, "failed": f"exit status {proc.returncode}",
+                                "output": proc.stderr[-3000:]})
+            else:
+                results.append(json.loads(lines[-1][len("RESULT "):]))
+                log(json.dumps(results[-1], indent=1))
+        if on_result is not None:
+            on_result(results[-1])
+    return results
+
+
+def summary(results: list[dict]) -> list[dict]:
+    return [{k: r.get(k) for k in ("variant", "dynamic_vram", "mllm_patcher", "verdict", "failed")} for r in results]
+
+
+def pack_passed(results: list[dict]) -> bool:
+    """Whether the pack variant ran and passed its verdict (the exit status of a GPU run)."""
+    pack = next((r for r in results if r["variant"] == "pack"), None)
+    return pack is not None and bool((pack.get("verdict") or {}).get("passed"))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mllm-gb", type=float, default=12.0, help="size of the MLLM stand-in (fp16 GiB)")
@@ -321,27 +364,12 @@ def main(argv=None) -> int:
         print("gpu_dynamic_vram: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was run.",
               file=sys.stderr)
         return 2
-    results = []
-    for variant in args.variants:
-        cmd = [sys.executable, __file__, "--worker", variant, "--mllm-gb", str(args.mllm_gb), "--card-gb",
-               str(args.card_gb), "--size", str(args.size), "--steps", str(args.steps),
-               *(["--cpu-smoke"] if args.cpu_smoke else [])]
-        print(f"== {variant}", flush=True)
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stdout[-3000:] + proc.stderr[-6000:], file=sys.stderr)
-            results.append({"variant": variant, "failed": f"exit status {proc.returncode}"})
-            continue
-        results.append(json.loads(lines[-1][len("RESULT "):]))
-        print(json.dumps(results[-1], indent=1), flush=True)
-    print("SUMMARY " + json.dumps([{k: r.get(k) for k in ("variant", "dynamic_vram", "mllm_patcher", "verdict",
-                                                            "failed")} for r in results]))
+    results = run_variants(args.variants, mllm_gb=args.mllm_gb, card_gb=args.card_gb, size=args.size,
+                           steps=args.steps, smoke=args.cpu_smoke, log=lambda text: print(text, flush=True))
+    print("SUMMARY " + json.dumps(summary(results)))
     if args.cpu_smoke:
         return 0 if all("failed" not in r for r in results) else 1
-    pack = next((r for r in results if r["variant"] == "pack"), None)
-    return 0 if pack is not None and (pack.get("verdict") or {}).get("passed") else 1
+    return 0 if pack_passed(results) else 1
 
 
 if __name__ == "__main__":

@@ -648,3 +648,15 @@ def test_one_reference_and_mask_serve_every_image_and_a_plan_is_not_checked_agai
     got = restore(net, generated, one_reference, one_mask, noise=noise, tile_size=32, plan=plan)
     assert len(checks) == 1
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_the_network_runs_in_bfloat16_close_to_float32(weights):
+    """A half-precision load (as a GPU user may cast it) runs end to end; its pixels stay near float32's."""
+    net32 = load_diffrir(weights[1])
+    net16 = load_diffrir(weights[1]).to(torch.bfloat16)
+    generated, reference, mask = images(1, 64, 96)
+    noise = torch.randn(1, net32.config.prior_dim, generator=torch.Generator().manual_seed(3))
+    full = restore(net32, generated, reference, mask, noise=noise)
+    half = restore(net16, generated, reference, mask, noise=noise)
+    assert half.dtype == reference.dtype and torch.isfinite(half).all()
+    assert float((half - full).abs().mean()) < 0.05

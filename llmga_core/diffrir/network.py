@@ -305,7 +305,8 @@ class PriorDenoiser(nn.Module):
         self.resmlp = nn.Sequential(*layers)
 
     def forward(self, x, t, c):
-        t = (t.float() / self.max_period).view(-1, 1)
+        # computed in float32 as the original, then in the network's dtype (float16/bfloat16 runs)
+        t = (t.float() / self.max_period).to(x.dtype).view(-1, 1)
         return self.resmlp(torch.cat([c, t, x], dim=1))
 
 
