@@ -104,7 +104,7 @@ def target_folder(release: Release, root) -> Path:
     return root / release.name if release.whole_folder else root
 
 
-# ------------------------------------------------ download records (llmga_core/downloads.py writes them) and hints
+# ------------------------------------------------ download records (llmga_core/downloads writes them) and hints
 def _record_path(target: Path, name: str) -> Path:
     return Path(target) / ".cache" / "llmga" / f"{name}.json"
 

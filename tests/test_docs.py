@@ -136,6 +136,8 @@ def test_every_repository_file_a_command_names_exists(doc):
 def parser_flags(script: str) -> frozenset[str]:
     """The option strings of every add_argument call in the script's source, and argparse's --help."""
     path = REPO / ("llmga_core/" + script + ".py" if "." not in script else "bench/" + script)
+    if not path.is_file():  # a package: its command line is in cli.py
+        path = REPO / "llmga_core" / script / "cli.py"
     flags = {"--help", "-h"}
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":

@@ -205,7 +205,7 @@ def test_the_command_names_a_folder_an_older_version_filled_in_the_pack(sources,
     (stale / "LLM").mkdir(parents=True)
     monkeypatch.chdir(pack)
     monkeypatch.setenv("PWD", str(pack))
-    monkeypatch.setattr(downloads, "_pack_comfyui", lambda: comfyui)
+    monkeypatch.setattr(downloads.cli, "_pack_comfyui", lambda: comfyui)
     assert downloads.main([QWEN, "--models-dir", "ComfyUI/models", "--endpoint", hub.url]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[:2] == [
@@ -218,7 +218,7 @@ def test_the_command_names_a_folder_an_older_version_filled_in_the_pack(sources,
 
 
 def test_the_command_without_models_dir_outside_comfyui_asks_for_one(monkeypatch, capsys):
-    monkeypatch.setattr(downloads, "_pack_comfyui", lambda: None)
+    monkeypatch.setattr(downloads.cli, "_pack_comfyui", lambda: None)
     assert downloads.main([QWEN]) == 2
     err = capsys.readouterr().err
     assert err == ("[llmga] error: Give the models folder to download into with --models-dir (ComfyUI/models): "
@@ -405,7 +405,7 @@ def test_repositories_that_cannot_be_used_are_refused_in_one_sentence(sources, h
     class Usage:
         free = 10
 
-    monkeypatch.setattr(downloads.shutil, "disk_usage", lambda path: Usage)  # a full disk, as the OS reports it
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage)  # a full disk, as the OS reports it
     with pytest.raises(DownloadError) as error:
         downloads.download(QWEN, root, endpoint=hub.url)
     needed = sum(map(len, mllm_files(sources).values()))
