@@ -186,7 +186,7 @@ def main() -> None:
     def pack(decoder: str, model=mllm, linear=None):
         def run(tokens):
             model.decoder = decoder
-            fast_decode.CPU_LINEAR = linear
+            model.cpu_linear = linear
             return model.generate(PROMPT, task="text-to-image", max_new_tokens=tokens).token_ids
         return run
 
@@ -291,7 +291,6 @@ def main() -> None:
             print(f"note: the model emitted its end token after {len(ids[pack_name])} tokens; rates use that count")
     for note in notes:
         print(note)
-    fast_decode.CPU_LINEAR = None
     if device.type == "cpu":
         print(f"the pack's compiled CPU step multiplies by the weights with the "
               f"{fast_decode.cpu_linear_choice(lm, dtype, compiled=True)} kernel")

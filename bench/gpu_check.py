@@ -346,7 +346,7 @@ def part_decode(result: Result, settings: Settings, size: str, dtype: str) -> No
     prompt_ids = tokenizer_image_token(prompt, mllm.tokenizer)
     embeds = mllm._input_embeddings(prompt_ids, None, [])
     eos, penalty = list(mllm._sampling.eos_ids), mllm._sampling.repetition_penalty
-    auto_compiles = fast_decode._plan(lm, device, torch_dtype, "auto").compiled
+    auto_compiles = fast_decode._plan(lm, device, torch_dtype, "auto", None).compiled
     result.update(build_s=_now() - started, weight_bytes_per_token=weight_bytes, copy_GBps=copy_rate / 1e9,
                   sum_GBps=read_rate / 1e9, bound_tokens_per_s=bound, prompt_positions=len(prompt_ids),
                   auto_picks="compiled" if auto_compiles else "static",

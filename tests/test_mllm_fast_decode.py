@@ -65,9 +65,9 @@ def assert_same_reply(reply, steps, expected, expected_steps):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_step_gives_the_dynamic_loops_greedy_ids(model_root, original_tokenizers, monkeypatch, family,
                                                         with_image, linear):
-    monkeypatch.setattr(fast_decode, "CPU_LINEAR", linear)
     folder = model_root / RELEASED_NAMES[family]
     mllm = load_mllm(folder)
+    mllm.cpu_linear = linear
     image = sample_image() if with_image else None
     before, before_steps = generate(mllm, "dynamic", image=image, task="chat")
     after, after_steps = generate(mllm, "static", image=image, task="chat")

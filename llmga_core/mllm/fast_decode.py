@@ -48,7 +48,6 @@ RECOMPILE_LIMIT = 64  # dynamo's per-function limit (8 by default) would silentl
 _compile_failures: dict[tuple, str] = {}  # (device type, dtype, model class) → why compiling failed there
 _compiled_steps: dict[str, Callable] = {}
 _linear_choices: dict[tuple, str] = {}  # (dtype, threads, weight shape) → "onednn" | "default"
-CPU_LINEAR: Optional[str] = None  # "reduction", "onednn" or "default" instead of cpu_linear_choice (bench, tests)
 
 
 class FastDecodeUnavailable(RuntimeError):
@@ -153,13 +152,14 @@ def _plain_linears(lm: nn.Module) -> list[nn.Linear]:
     return [m for m in lm.modules() if type(m) is nn.Linear]
 
 
-def cpu_linear_choice(lm: nn.Module, dtype: torch.dtype, compiled: bool) -> str:
+def cpu_linear_choice(lm: nn.Module, dtype: torch.dtype, compiled: bool, chosen: Optional[str] = None) -> str:
     """The matrix-vector kernel of the CPU step. Compiled: "reduction" (on 2 cores of an AVX-512 EPYC,
-    docs/speed-and-memory.md: ×1.3–1.8 faster than oneDNN's and ×1.7–2.3 than torch's default, which uses one core). Uncompiled:
-    "onednn" or "default", the faster for this model's largest linear layer at the current thread count,
-    measured once per process and shape (interleaved runs, best of five)."""
-    if CPU_LINEAR is not None:
-        return CPU_LINEAR if compiled or CPU_LINEAR != "reduction" else "default"
+    docs/speed-and-memory.md: ×1.3–1.8 faster than oneDNN's and ×1.7–2.3 than torch's default, which uses one
+    core). Uncompiled: "onednn" or "default", the faster for this model's largest linear layer at the current
+    thread count, measured once per process and shape (interleaved runs, best of five). chosen: the model's
+    `cpu_linear` ("reduction", "onednn" or "default"), which wins where it can run."""
+    if chosen is not None:
+        return chosen if compiled or chosen != "reduction" else "default"
     if compiled:
         return "reduction"
     onednn = _onednn_linear()
@@ -319,13 +319,13 @@ def _decline(key: tuple, reason: str, remember: bool = True) -> FastDecodeUnavai
     return FastDecodeUnavailable(reason, first=first)
 
 
-def _plan(lm: nn.Module, device: torch.device, dtype: torch.dtype, mode: str) -> _Plan:
+def _plan(lm: nn.Module, device: torch.device, dtype: torch.dtype, mode: str, chosen_linear: Optional[str]) -> _Plan:
     if mode == "compiled":
         compiled = True
     else:
         weights = sum(p.numel() * p.element_size() for p in lm.parameters())
         compiled = mode == "auto" and weights >= COMPILE_MIN_BYTES
-    linear = cpu_linear_choice(lm, dtype, compiled) if device.type == "cpu" else "default"
+    linear = cpu_linear_choice(lm, dtype, compiled, chosen_linear) if device.type == "cpu" else "default"
     return _Plan(compiled=compiled, linear=linear)
 
 
@@ -356,7 +356,7 @@ def decode(mllm, embeds: torch.Tensor, temperature: float, top_p: Optional[float
     reason, positional = _static_cache_support(lm)
     if reason:
         raise _decline(("unsupported",), reason)
-    plan = _plan(lm, device, dtype, mode)
+    plan = _plan(lm, device, dtype, mode, getattr(mllm, "cpu_linear", None))
     quantised = any(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in lm.modules())
     static_key = (device.type, dtype, type(lm).__name__, quantised)  # where the static cache itself failed
     failure_key = static_key + ("compiled",) if plan.compiled else static_key

@@ -124,6 +124,9 @@ class LLMGAMLLM(Assistant):
         self._sampling = sampling_config(info)
         # "auto", "compiled", "static" or "dynamic" (the dynamic-cache loop): fast_decode.DECODERS, docs/speed-and-memory.md
         self.decoder = "auto"
+        # the CPU step's matrix-vector kernel: None picks it (fast_decode.cpu_linear_choice), or "reduction",
+        # "onednn", "default" to compare them (bench_mllm.py)
+        self.cpu_linear = None
 
     # ------------------------------------------------------------------------------------- public
     def size_bytes(self) -> int:
