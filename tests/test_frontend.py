@@ -5,7 +5,9 @@ Two frontends: the one the host pins (comfyui-frontend-package in the host's ven
 served by the same ComfyUI through --front-end-root). One server and one browser session per frontend
 (tests/frontend/check_frontend.mjs records what the page shows; the tests here compare it with the server's
 history and with independent references).
-Screenshots of every check go to $LLMGA_SCREENSHOTS (default /tmp/llmga-screenshots)/<frontend>/.
+Screenshots of every check go to $LLMGA_SCREENSHOTS (default /tmp/llmga-screenshots)/<frontend>/. With
+LLMGA_README_SCREENSHOT=1 the run on the pinned frontend also writes README's picture of the text-to-image workflow
+(docs/images/llmga_t2i_sd15.png: the whole workflow after a run whose prompt was edited on the node).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import pytest
 from tests import host
 from tests.host import REPO, ComfyServer, executed_nodes, small_workflow
 from tests.test_host_server import write_input_images
+from tests.workflow_format import DESCRIPTIONS, NOTE_TYPE, note_text
 
 WORKFLOWS = REPO / "workflows"
 UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
@@ -31,6 +34,9 @@ STREAM_MODEL = "llmga-vicuna-stream-test"  # the tiny Vicuna without an end toke
 STREAM_TOKENS = 800
 STREAM_WORKFLOW = "llmga_t2i_sd15"
 GENERATOR = "LLMGAPromptGenerator"
+MISSING_WORKFLOW = "llmga_edit_sd15"  # loads a single-file model (the editing VAE) with download metadata
+README_PICTURE = REPO / "docs" / "images" / "llmga_t2i_sd15.png"
+README_PICTURE_MAX_BYTES = 300_000
 
 
 def newest_frontend_root() -> Path:
@@ -148,7 +154,10 @@ def frontend(request, tmp_path_factory):
               "workflows": [{k: w[k] for k in ("name", "path", "small")} for w in workflows],
               "stream": {"path": stream["path"], "small": stream["small"], "model": STREAM_MODEL,
                          "max_new_tokens": STREAM_TOKENS},
-              "legacy": {"workflow": legacy}}
+              "legacy": {"workflow": legacy}, "readme": {"name": STREAM_WORKFLOW},
+              "missing_model": {"workflow": str(WORKFLOWS / f"{MISSING_WORKFLOW}.json"),
+                                "folder": str(base / "models" / "vae"), "name": host.EDIT_VAE,
+                                "aside": str(base / f"{host.EDIT_VAE}.aside")}}
     work = tmp_path_factory.mktemp(f"frontend_{name}_run")
     (work / "config.json").write_text(json.dumps(config))
     try:
@@ -191,6 +200,99 @@ def test_every_ui_workflow_loads_converts_and_runs_from_the_frontend(frontend, i
         assert sorted(shown["notes"].split("\n")) == sorted(notes) if notes else shown["notes"] == ""
         assert shown["serialized"] is False and shown["edit_widgets_hidden"] == [True, True]
         assert shown["property"]["text"] == out["prompt"][0]
+
+
+@pytest.mark.parametrize("index", range(len(UI_WORKFLOWS)), ids=[p.stem for p in UI_WORKFLOWS])
+def test_every_ui_workflow_shows_its_note(frontend, index):
+    """The Markdown note renders on the canvas: its heading is on top where the note is, and it holds the
+    workflow's models and settings (UI only: the frontend's prompt, compared with the API twin above, has none)."""
+    entry = frontend.workflows[index]
+    record = frontend.report["workflows"][entry["name"]]
+    assert "error" not in record, record["error"]
+    title = DESCRIPTIONS[entry["name"]][0]
+    assert [(n["heading"], n["heading_visible"]) for n in record["notes"]] == [(title, True)], record["notes"]
+    note = record["notes"][0]
+    assert note["widget_value"] == note_text(entry["name"], entry["twin"])
+    loaded = {v for n in entry["twin"].values() for k, v in n["inputs"].items()
+              if k in ("model_name", "vae_name") and isinstance(v, str)}
+    for name in loaded | {host.VISION_TOWER, "The original's settings"}:
+        assert name in note["text"], (name, note["text"])
+    assert NOTE_TYPE not in {n["class_type"] for n in record["output"].values()}
+
+
+@pytest.mark.parametrize("index", range(len(UI_WORKFLOWS)), ids=[p.stem for p in UI_WORKFLOWS])
+def test_no_two_nodes_overlap_after_a_run(frontend, index):
+    """After the run has put its pictures and texts on the nodes (Load Image previews, the saved images, the
+    Prompt Generator's text box), every node has the room its contents ask for and no two nodes' boxes (title bar
+    included) overlap."""
+    entry = frontend.workflows[index]
+    nodes = frontend.report["workflows"][entry["name"]]["layout"]
+    assert len(nodes) == len(entry["twin"]) + 1  # and the note
+    for node in nodes:
+        assert node["wanted"] is None or (node["size"][0] >= node["wanted"][0] - 0.5
+                                          and node["size"][1] >= node["wanted"][1] - 0.5), node
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            (ax, ay, aw, ah), (bx, by, bw, bh) = a["bounds"], b["bounds"]
+            apart = ax + aw <= bx or bx + bw <= ax or ay + ah <= by or by + bh <= ay
+            assert apart, f"{a['type']} {a['bounds']} overlaps {b['type']} {b['bounds']}"
+
+
+def test_the_missing_models_list_offers_the_editing_vae(frontend):
+    """With the editing VAE removed from the server, loading the editing workflow lists it as missing and offers
+    its download from the workflow's metadata (node.properties.models: name, url, directory): frontend 1.27.10 in
+    its Missing Models dialog, 1.49.6 and 1.58.1 in the missing-models section of the right side panel
+    (opened from the toast's "View details"). Without the metadata no download is offered."""
+    result = frontend.check("missing_models")
+    assert result["listed_by_server"] is False  # the server's VAELoader list lacks the file while it is aside
+    workflow = json.loads((WORKFLOWS / f"{MISSING_WORKFLOW}.json").read_text())
+    [metadata] = [m for n in workflow["nodes"] for m in n["properties"].get("models", [])]
+    hub = "https://huggingface.co/stabilityai/sd-vae-ft-mse-original"
+    assert metadata == {"name": host.EDIT_VAE, "directory": "vae", "url": f"{hub}/resolve/main/{host.EDIT_VAE}"}
+    version = tuple(int(p) for p in frontend.report["frontend"].split("."))
+    shown = result["with_metadata"]
+    assert shown["ui"] == ("dialog" if version < (1, 30) else "panel")
+    # the panel's Copy URL gives the file's page on the Hub (the frontend's toBrowsableUrl), the dialog's the file
+    url = metadata["url"] if version < (1, 30) else metadata["url"].replace("/resolve/", "/blob/")
+    assert shown["rows"] == [{"name": host.EDIT_VAE, "directory": "vae", "download": True, "url": url}]
+    bare = result["without_metadata"]
+    if version < (1, 30):  # the dialog lists only models with metadata
+        assert bare == {"ui": "none", "rows": []}
+    else:  # still missing, but nothing to download it from
+        assert [(r["name"], r["download"], r["url"]) for r in bare["rows"]] == [(host.EDIT_VAE, False, None)]
+
+
+def test_the_readme_picture(frontend):
+    """The whole text-to-image workflow after a run whose prompt was edited on the node, as the edit check left
+    it; with LLMGA_README_SCREENSHOT=1 the pinned frontend's picture becomes README's (at most 300 KB)."""
+    from PIL import Image
+
+    picture = Path(frontend.check("edit")["picture"])
+    with Image.open(picture) as image:
+        assert image.size == (1720, 800)
+    if frontend.name == "pinned" and os.environ.get("LLMGA_README_SCREENSHOT") == "1":
+        write_readme_picture(picture, README_PICTURE)
+    if README_PICTURE.is_file():
+        assert README_PICTURE.stat().st_size <= README_PICTURE_MAX_BYTES
+
+
+def write_readme_picture(source: Path, target: Path) -> None:
+    """The screenshot as README shows it: a PNG, down to a 256-colour palette when the full colours exceed the
+    size limit."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(source) as image:
+        image = image.convert("RGB")
+        for candidate in (image, image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)):
+            data = io.BytesIO()
+            candidate.save(data, format="PNG", optimize=True)
+            if data.tell() <= README_PICTURE_MAX_BYTES:
+                break
+    assert data.tell() <= README_PICTURE_MAX_BYTES, data.tell()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data.getvalue())
 
 
 def test_the_queue_side_panel_lists_the_runs(frontend):
@@ -276,8 +378,11 @@ def test_the_prompt_streams_onto_the_node_while_it_is_written(frontend, original
     counts = [where.get(e["text"]) for _, e in partial]
     assert None not in counts, "a partial text is no prefix of the answer"
     assert counts == sorted(counts) and counts[0] == 1  # the first token at once, then growing
-    before, after = result["size_before"], result["shown"][gen]["size"]
-    assert after[1] > before[1], f"the node did not grow for {len(final)} characters: {before} -> {after}"
+    # the text box asks for more room for the long answer, and the node (laid out with room for the box at its
+    # largest) has it
+    before, after = result["size_before"], result["size_after"]
+    assert after["wanted"][1] > before["wanted"][1], f"the box did not ask for room for {len(final)} characters"
+    assert after["size"][1] >= after["wanted"][1] and after["size"] == result["shown"][gen]["size"], after
 
 
 def test_editing_the_prompt_reruns_only_what_is_downstream(frontend):

@@ -2,15 +2,18 @@
 // and records what a user would see; tests/test_frontend.py asserts on the report and the server's history.
 //   node check_frontend.mjs CONFIG.json REPORT.json
 // CONFIG: {server, screenshots, workflows: [{name, path, small}], stream: {workflow, model, max_new_tokens},
-//          legacy: {name, workflow}}, where `small` is the workflow's API twin at test size (tests/host.py).
+//          legacy: {name, workflow}, readme: {name}, missing_model: {workflow, folder, name, aside}}, where `small`
+//          is the workflow's API twin at test size (tests/host.py).
 // Checks, in order, on one page: every UI workflow loads (no missing node), converts to its API twin, is set to
 // test size through its widgets and runs from the frontend's own queue; the prompt streams onto the node; an
 // edit of the prompt re-runs only what is downstream; a stale edit is dropped; the copy button; the text comes
 // back after a reload and when the saved workflow is opened again, and after an interrupted answer; a workflow
-// saved before the edit inputs loads; hostile text stays text. Right after the workflows ran, the queue / job
-// history side panel is opened from the sidebar, as a user does, and what it lists is recorded.
+// saved before the edit inputs loads; hostile text stays text; with a single-file model removed from the server,
+// the frontend's missing-models list offers it for download from the workflow's metadata. Right after the
+// workflows ran, the queue / job history side panel is opened from the sidebar, as a user does, and what it lists
+// is recorded; so are each workflow's note as the page shows it and where its nodes lie after the run.
 import { chromium } from "playwright-core";
-import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
 const [configPath, reportPath] = process.argv.slice(2);
@@ -24,7 +27,8 @@ const browser = await chromium.launch({
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"], // playwright gives each launch a fresh profile
 });
-const context = await browser.newContext({ viewport: { width: 1500, height: 950 } });
+const VIEWPORT = { width: 1500, height: 950 };
+const context = await browser.newContext({ viewport: VIEWPORT });
 await context.grantPermissions(["clipboard-read", "clipboard-write"], { origin: config.server });
 const page = await context.newPage();
 page.on("console", (m) => { if (m.type() === "error") report.console.push(m.text()); });
@@ -151,6 +155,143 @@ async function shown() {
     }
     return out;
   });
+}
+
+// Where each node of the open graph lies after its previews and text boxes were laid out: its bounding box on the
+// canvas (title bar included, as LiteGraph hit-tests it) and the size its contents ask for (computeSize).
+async function layout() {
+  await page.evaluate(() => window.app.graph.setDirtyCanvas(true, true));
+  await page.waitForTimeout(250); // a frame: the frontend sizes nodes to their previews while drawing
+  return page.evaluate(() => window.app.graph._nodes.map((node) => {
+    const rect = node.boundingRect ?? node.getBounding?.();
+    return { id: String(node.id), type: node.type, pos: [...node.pos], size: [...node.size],
+             bounds: [...rect].slice(0, 4), wanted: node.computeSize ? [...node.computeSize()].slice(0, 2) : null };
+  }));
+}
+
+// The Markdown note of the open graph as the page shows it: the canvas moved so the note's top-left corner is in
+// view at scale 1; its widget's text, and whether the point on its heading shows that heading (nothing on top).
+async function noteShown() {
+  const notes = await page.evaluate(() => window.app.graph._nodes.filter((n) => n.type === "MarkdownNote")
+    .map((n) => n.id));
+  const out = [];
+  for (const id of notes) {
+    await page.evaluate((id) => {
+      const canvas = window.app.canvas, node = window.app.graph.getNodeById(id);
+      canvas.ds.scale = 1;
+      canvas.ds.offset = [120 - node.pos[0], 160 - node.pos[1]];
+      canvas.setDirty(true, true);
+    }, id);
+    await page.waitForTimeout(300); // DOM widgets follow the canvas on its next frame
+    out.push(await page.evaluate((id) => {
+      const node = window.app.graph.getNodeById(id);
+      const element = node.widgets?.map((w) => w.element).find((e) => e instanceof HTMLElement) ?? null;
+      const heading = element?.querySelector("h1, h2, h3") ?? null;
+      const box = heading?.getBoundingClientRect();
+      const hit = box ? document.elementFromPoint(box.left + Math.min(20, box.width / 2), box.top + box.height / 2)
+        : null;
+      return { id: String(id), title: node.title, text: element ? element.innerText : null,
+               heading: heading?.textContent ?? null,
+               heading_visible: !!(box && box.width > 0 && box.height > 0 && hit && heading.contains(hit)),
+               widget_value: node.widgets?.[0]?.value ?? null };
+    }, id));
+  }
+  return out;
+}
+
+// The whole open graph fitted into a viewport of `size` below the frontend's menus, without the minimap, for a
+// picture of the workflow (the viewport is put back afterwards).
+async function workflowShot(name, size) {
+  const minimap = await page.evaluate(() => window.app.extensionManager?.setting?.get?.("Comfy.Minimap.Visible"));
+  if (minimap) await page.evaluate(() => window.app.extensionManager.setting.set("Comfy.Minimap.Visible", false));
+  await page.setViewportSize(size);
+  try {
+    await page.evaluate(() => document.activeElement?.blur?.()); // no focus ring on the text box
+    await page.waitForFunction(() => !document.querySelector(".p-toast-message"), null, { timeout: 8000 })
+      .catch(() => {}); // the "queued" / "completed" notes fade away
+    await page.waitForTimeout(300);
+    await page.evaluate(() => {
+      const canvas = window.app.canvas, box = [Infinity, Infinity, -Infinity, -Infinity];
+      canvas.deselectAll?.(); // no selection outline or selection toolbox in the picture
+      for (const node of window.app.graph._nodes) {
+        const [x, y, w, h] = node.boundingRect ?? node.getBounding();
+        box[0] = Math.min(box[0], x); box[1] = Math.min(box[1], y);
+        box[2] = Math.max(box[2], x + w); box[3] = Math.max(box[3], y + h);
+      }
+      // room for the sidebar on the left and the menus and the run button on top
+      const area = canvas.canvas.getBoundingClientRect(), left = 72, top = 96, margin = 16;
+      const scale = Math.min((area.width - left - margin) / (box[2] - box[0]),
+                             (area.height - top - margin) / (box[3] - box[1]));
+      canvas.ds.scale = scale;
+      canvas.ds.offset = [left / scale - box[0], top / scale - box[1]];
+      canvas.setDirty(true, true);
+    });
+    await page.waitForTimeout(500);
+    const path = join(config.screenshots, `${name}.png`);
+    await page.screenshot({ path });
+    report.screenshots.push(path);
+    return path;
+  } finally {
+    await page.setViewportSize(VIEWPORT);
+    if (minimap) await page.evaluate(() => window.app.extensionManager.setting.set("Comfy.Minimap.Visible", true));
+  }
+}
+
+// What the frontend lists when a loaded workflow names model files the server lacks: the Missing Models dialog of
+// frontends up to 1.2x, the missing-models section of the right side panel's errors / issues tab of later ones
+// (opened from the toast's "View details", as a user does). Per listed file: its name, folder, whether a download
+// is offered and the URL its "Copy URL" button copies.
+async function missingModels(workflow, name) {
+  const dialog = page.locator(".comfy-missing-models");
+  const details = page.getByRole("button", { name: /view details/i }).first();
+  await loadWorkflow(workflow, name);
+  const seen = await Promise.any([dialog.waitFor({ state: "visible", timeout: 15000 }).then(() => "dialog"),
+                                  details.waitFor({ state: "visible", timeout: 15000 }).then(() => "toast")])
+    .catch(() => "none");
+  const legacy = seen === "dialog";
+  if (legacy) {
+    const rows = [];
+    for (const row of await dialog.locator("li").all()) {
+      const label = (await row.locator("span[title]").first().innerText()).trim();
+      await page.evaluate(() => navigator.clipboard.writeText(""));
+      await row.getByRole("button", { name: "Copy URL" }).click();
+      const [directory, file] = label.split(" / ");
+      rows.push({ name: file, directory, download: await row.getByRole("button", { name: /^Download/ }).count() > 0,
+                  url: await page.evaluate(() => navigator.clipboard.readText()) });
+    }
+    await shot(`missing-models-${name}`);
+    await page.keyboard.press("Escape");
+    await dialog.waitFor({ state: "hidden", timeout: 10000 }).catch(() => {});
+    return { ui: "dialog", rows };
+  }
+  if (seen === "none") return { ui: "none", rows: [] };
+  await details.click();
+  const section = page.getByText("Missing Models", { exact: true }).first();
+  await section.waitFor({ state: "visible", timeout: 10000 });
+  await page.waitForTimeout(1000); // the model rows follow the folder listing
+  const rows = [];
+  const names = await page.evaluate(() => [...document.querySelectorAll("button[title]")]
+    .filter((b) => b.textContent.trim() === b.title && /\.(safetensors|sft|ckpt|pt|pth|bin|gguf)$/.test(b.title))
+    .map((b) => b.title));
+  for (const file of names) {
+    // its row: the nearest block around the name that also holds the folder line (or a Download button)
+    const row = page.locator(`button[title="${file}"]`).first().locator(
+      "xpath=ancestor::div[.//button[normalize-space()='Download'] or .//span[contains(@class,'text-2xs')]][1]");
+    const copy = row.getByRole("button", { name: "Copy URL" });
+    let url = null;
+    if (await copy.count()) {
+      await page.evaluate(() => navigator.clipboard.writeText(""));
+      await copy.first().click();
+      url = await page.evaluate(() => navigator.clipboard.readText());
+    }
+    const folder = row.locator('span[class*="text-2xs"]');
+    rows.push({ name: file, directory: (await folder.count()) ? (await folder.first().innerText()).trim() : null,
+                download: await row.locator("button", { hasText: /^\s*Download\s*$/ }).count() > 0, url });
+  }
+  await shot(`missing-models-${name}`);
+  const toggle = page.locator('[aria-label="Toggle properties panel"], [data-testid="right-side-panel-toggle"]');
+  if (await toggle.count()) await toggle.first().click().catch(() => {});
+  return { ui: "panel", rows };
 }
 
 async function check(name, body) {
@@ -282,8 +423,10 @@ try {
     try {
       Object.assign(record, await loadWorkflow(workflow, entry.name));
       record.small_output = await setWidgets(entry.small);
+      record.notes = await noteShown();
       Object.assign(record, await queueAndWait());
       record.shown = await shown();
+      record.layout = await layout();
       await shot(`workflow-${entry.name}`, generatorId(workflow));
     } catch (e) {
       record.error = String(e?.stack ?? e);
@@ -317,7 +460,11 @@ try {
       if (node.class_type === "LLMGAMLLMLoader") node.inputs.model_name = stream.model;
     }
     await setWidgets(values);
-    const sizeBefore = await page.evaluate((id) => [...window.app.graph.getNodeById(id).size], gen);
+    const sizeOf = (id) => {
+      const node = window.app.graph.getNodeById(id);
+      return { size: [...node.size], wanted: [...node.computeSize()].slice(0, 2) };
+    };
+    const sizeBefore = await page.evaluate(sizeOf, gen);
     await page.evaluate(() => window.app.queuePrompt(0, 1));
     // a picture of the node mid-answer (best effort: the run may already be over on a fast machine)
     await page.waitForFunction((id) => window.__llmgaEvents.some((e) => e.type === "llmga.partial_text" &&
@@ -334,7 +481,8 @@ try {
                events: await page.evaluate((id) => window.__llmgaEvents.filter((e) => e.prompt_id === id), promptId) };
     })();
     await shot("stream-done", gen);
-    return { ...run, generator: String(gen), size_before: sizeBefore, shown: await shown() };
+    return { ...run, generator: String(gen), size_before: sizeBefore, size_after: await page.evaluate(sizeOf, gen),
+             shown: await shown() };
   });
 
   // 3. editing the shown prompt: type into the node's text box and queue again
@@ -351,7 +499,9 @@ try {
     await shot("edit-typed", gen);
     const run = await queueAndWait();
     await shot("edit-rerun", gen);
-    return { first, typed: afterTyping, run, prompt: await page.evaluate(
+    const picture = await workflowShot(`workflow-${config.readme.name}-after-edit`, { width: 1720, height: 800 });
+    await page.evaluate((id) => window.app.canvas.centerOnNode(window.app.graph.getNodeById(id)), gen);
+    return { first, typed: afterTyping, run, picture, prompt: await page.evaluate(
       async () => (await window.app.graphToPrompt()).output), shown: await shown(), edited, generator: String(gen) };
   });
 
@@ -482,6 +632,31 @@ try {
     }, { text: hostile, id: gen });
     await shot("hostile", gen);
     return { ...result, hostile };
+  });
+
+  // 9. a single-file model the server lacks: the frontend lists it, and offers its download from the workflow's
+  // metadata (node.properties.models); the same workflow without the metadata, for comparison. The file is moved
+  // aside for this check only, and the page reloaded so that the frontend asks the server for its lists again.
+  await check("missing_models", async () => {
+    const missing = config.missing_model;
+    const file = join(missing.folder, missing.name);
+    renameSync(file, missing.aside);
+    try {
+      await page.reload({ waitUntil: "domcontentloaded" });
+      await openApp();
+      await page.waitForTimeout(500);
+      const options = await page.evaluate(async () => (await window.comfyAPI.api.api.getNodeDefs()).VAELoader
+        .input.required.vae_name);
+      const workflow = JSON.parse(readFileSync(missing.workflow, "utf8"));
+      const withMetadata = await missingModels(workflow, "llmga-missing-model");
+      const bare = JSON.parse(JSON.stringify(workflow));
+      for (const node of bare.nodes) delete node.properties?.models;
+      const withoutMetadata = await missingModels(bare, "llmga-missing-model-bare");
+      return { listed_by_server: JSON.stringify(options).includes(missing.name), with_metadata: withMetadata,
+               without_metadata: withoutMetadata };
+    } finally {
+      if (existsSync(missing.aside)) renameSync(missing.aside, file);
+    }
   });
 } finally {
   writeFileSync(reportPath, JSON.stringify(report, null, 2));
