@@ -86,6 +86,27 @@ def penalised_argmax(logits, generated: list[int], penalty: float) -> int:
     return int(np.argmax(logits))
 
 
+def transformers_generate(lm, embeds, eos: list[int], penalty: float, *, static: bool):
+    """run(tokens, on_token=None) -> ids: transformers `generate` on the same language model and embeddings,
+    greedy with the folder's penalty and end ids; eager with its dynamic cache, or its static cache compiled
+    (the GPU's CUDA graphs as "reduce-overhead"). on_token is accepted and not called (generate has no hook)."""
+    extra = {}
+    if static:
+        from transformers import CompileConfig
+
+        cuda = embeds.device.type == "cuda"
+        compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead" if cuda else "default")
+        compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+        extra = {"cache_implementation": "static", "compile_config": compile_config}
+
+    def run(tokens, on_token=None):
+        with torch.inference_mode():
+            return lm.generate(inputs_embeds=embeds, max_new_tokens=tokens, do_sample=False, num_beams=1,
+                               repetition_penalty=penalty, eos_token_id=eos, pad_token_id=eos[0],
+                               use_cache=True, **extra)[0].tolist()
+    return run
+
+
 # ------------------------------------------------------------------------------------------------- GGUF
 def write_gguf(path: Path, folder: Path, kind: str) -> int:
     """The language model as GGUF with matrices in `kind` (F32, F16, BF16, Q8_0), written by the pack's exporter
@@ -190,29 +211,14 @@ def main() -> None:
             return model.generate(PROMPT, task="text-to-image", max_new_tokens=tokens).token_ids
         return run
 
-    def transformers_generate(static: bool):
-        from transformers import CompileConfig
-
-        extra = {}
-        if static:
-            compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else
-                                           "default")
-            compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
-            extra = {"cache_implementation": "static", "compile_config": compile_config}
-
-        def run(tokens):
-            with torch.inference_mode():
-                return lm.generate(inputs_embeds=embeds, max_new_tokens=tokens, do_sample=False, num_beams=1,
-                                   repetition_penalty=penalty, eos_token_id=eos, pad_token_id=eos[0],
-                                   use_cache=True, **extra)[0].tolist()
-        return run
-
     pack_name, before_name = "pack: static cache + compiled step", "pack: dynamic cache (before)"
     contenders = {pack_name: (pack("auto"), dtype, weight_bytes),
                   before_name: (pack("dynamic"), dtype, weight_bytes),
-                  "transformers generate, eager": (transformers_generate(False), dtype, weight_bytes)}
+                  "transformers generate, eager": (transformers_generate(lm, embeds, eos, penalty, static=False), dtype,
+                                                   weight_bytes)}
     if not args.no_transformers_static:
-        contenders["transformers generate, static + compile"] = (transformers_generate(True), dtype, weight_bytes)
+        contenders["transformers generate, static + compile"] = (
+            transformers_generate(lm, embeds, eos, penalty, static=True), dtype, weight_bytes)
     for linear in filter(None, args.cpu_linears.split(",")):
         contenders[f"pack: compiled step, {linear} linear"] = (pack("compiled", linear=linear), dtype, weight_bytes)
     notes = []

@@ -370,22 +370,10 @@ def part_decode(result: Result, settings: Settings, size: str, dtype: str) -> No
             return mllm.generate(PROMPT, task="text-to-image", max_new_tokens=tokens, on_token=on_token).token_ids
         return run
 
-    def transformers_generate(static: bool):  # as bench_mllm.py's contenders
-        extra = {}
-        if static:
-            from transformers import CompileConfig
+    def transformers_generate(static: bool):  # bench_mllm.py's contender
+        from bench.bench_mllm import transformers_generate as contender
 
-            compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else
-                                           "default")
-            compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
-            extra = {"cache_implementation": "static", "compile_config": compile_config}
-
-        def run(tokens, on_token=None):
-            with torch.inference_mode():
-                return lm.generate(inputs_embeds=embeds, max_new_tokens=tokens, do_sample=False, num_beams=1,
-                                   repetition_penalty=penalty, eos_token_id=eos, pad_token_id=eos[0],
-                                   use_cache=True, **extra)[0].tolist()
-        return run
+        return contender(lm, embeds, eos, penalty, static=static)
 
     ids: dict[str, list[int]] = {}
     reference = "pack dynamic"
