@@ -15,6 +15,7 @@ from comfy_api.latest import io, ui
 
 from ..llmga_core.diffrir import MIN_TILE_SIZE, load_diffrir, plan_restore, restore
 from .paths import DIFFRIR_FOLDER, list_model_files, register_model_folders, resolve_model_path
+from .notes import log_notes, shown_text
 from .progress import step_reporter
 
 register_model_folders()  # idempotent; lets the combo list models/diffrir even if imported alone
@@ -96,10 +97,9 @@ class DiffRIRRestore(io.ComfyNode):
         finally:
             if plan.needs_network:
                 net.to(model_management.unet_offload_device())
-        if plan.note:
-            log.info(plan.note)
+        notes = log_notes("DiffRIR Restore", plan.notes)
         out = restored.movedim(1, -1).to(model_management.intermediate_device())
-        return io.NodeOutput(out, ui=ui.PreviewText(plan.note) if plan.note else None)
+        return io.NodeOutput(out, ui=ui.PreviewText(shown_text("", notes)) if notes else None)
 
 
 NODES = [DiffRIRLoader, DiffRIRRestore]

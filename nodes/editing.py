@@ -9,7 +9,6 @@ the host's VAE.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
@@ -22,10 +21,8 @@ from comfy_api.latest import io, ui
 from ..llmga_core import editing
 from ..llmga_core.long_prompt import PromptTruncatedWarning, encode_with_backend, plain_chunk_ids, recipe_for
 from .host_clip import clip_family, host_chunk_encoder, host_tokenizer_specs
+from .notes import log_notes, shown_text
 from .progress import step_reporter
-
-log = logging.getLogger("llmga")
-
 
 # ---------------------------------------------------------------------------------------- checks
 def check_sd15_t2i(model) -> None:
@@ -214,15 +211,9 @@ class LLMGAEdit(io.ComfyNode):
         check_captions(source_prompt, target_prompt)
         check_sd15_t2i(model)
         steps_list = editing.timesteps(steps, skip)  # one sentence for steps/skip out of range
-        notes: list[str] = []
         rgb = image[0, ..., :3]
         prepared = editing.prepare_image(rgb)
-        if prepared.cropped:
-            h, w = prepared.original_size
-            notes.append(f"the {w}×{h} image was centre-cropped to a square and resized to 512×512, as the "
-                         f"original does")
-        elif prepared.original_size != (editing.IMAGE_SIZE, editing.IMAGE_SIZE):
-            notes.append("the image was resized to 512×512, as the original does")
+        notes: list[str] = [prepared.note] if prepared.note else []
         latent_mask = given_mask(mask, tuple(rgb.shape[:2]), prepared) if mask is not None else None
         if image.shape[0] > 1:
             notes.append(f"edited the first of {image.shape[0]} images")
@@ -232,9 +223,8 @@ class LLMGAEdit(io.ComfyNode):
         noise = editing.draw_noise(seed, x0.shape[1:], steps=len(steps_list))
         mask_latents = None
         if latent_mask is None:
-            mask_latents, from_posterior = editing.mask_latents(x0, moments, noise)
-            if not from_posterior:
-                notes.append("the VAE did not expose its posterior, so the mask used its mean for every sample")
+            mask_latents, posterior_note = editing.mask_latents(x0, moments, noise)
+            notes += [posterior_note] if posterior_note else []
 
         planned = editing.unet_calls(len(steps_list), mask=latent_mask is None, embeds=embeds)
         report = step_reporter(sum(planned.values()))
@@ -258,14 +248,9 @@ class LLMGAEdit(io.ComfyNode):
             edited = edited.reshape(1, size, size, 3).float().clamp(0, 1)
         else:
             edited = prepared.image[None].clone()
-            notes.append("the edit mask selects nothing, so the image comes back unchanged (paint a mask over the "
-                         "region to edit, or lower mask_threshold_ratio)")
-        for note in notes:
-            log.warning("LLMGA Edit: %s", note)
-        shown = ("edited " if result.edited else "not edited ") + \
-            f"({int(result.mask.sum())} of {result.mask.numel()} latent pixels in the mask)"
-        if notes:
-            shown += "\n\n[" + "; ".join(notes) + "]"
+        notes = log_notes("LLMGA Edit", notes + result.notes)
+        shown = shown_text(("edited " if result.edited else "not edited ")
+                           + f"({int(result.mask.sum())} of {result.mask.numel()} latent pixels in the mask)", notes)
         return io.NodeOutput(edited, edit_mask, ui=ui.PreviewText(shown))
 
 

@@ -7,7 +7,6 @@ ComfyUI weights, while its clip-skip (CLIPSetLastLayer), LoRA patches and hooks 
 """
 from __future__ import annotations
 
-import logging
 import warnings
 
 from comfy_api.latest import io, ui
@@ -15,8 +14,7 @@ from comfy_api.latest import io, ui
 from ..llmga_core.long_prompt import (PIPELINES, PromptCharactersDroppedWarning, PromptTruncatedWarning,
                                       encode_with_backend, recipe_for)
 from .host_clip import clip_family, host_chunk_encoder, host_tokenizer_specs
-
-log = logging.getLogger("llmga")
+from .notes import log_notes, shown_text
 
 PIPELINE_CHOICES = ["auto", *PIPELINES]
 # what the library warns about the text: logged and shown on the node
@@ -95,10 +93,10 @@ class LLMGALongCLIPTextEncode(io.ComfyNode):
         notes = []
         for w in caught:
             if issubclass(w.category, SHOWN_WARNINGS):
-                log.warning("LLMGA long prompt: %s", w.message)
                 notes.append(str(w.message))
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        notes = log_notes("LLMGA long prompt", notes)
 
         # Width/height stay unset: the sampler fills them from the latent size and SDXL's encode_adm
         # then builds (H, W, 0, 0, H, W), which is LLMGA's add_time_ids.
@@ -109,7 +107,7 @@ class LLMGALongCLIPTextEncode(io.ComfyNode):
         positive = conditioning(embeds["prompt_embeds"], embeds.get("pooled_prompt_embeds"))
         negative = conditioning(embeds["negative_prompt_embeds"], embeds.get("negative_pooled_prompt_embeds"))
         # cut prompts and dropped characters are shown on the node (web/js/llmga_text.js), not only logged
-        return io.NodeOutput(positive, negative, ui=ui.PreviewText("\n".join(notes)) if notes else None)
+        return io.NodeOutput(positive, negative, ui=ui.PreviewText(shown_text("", notes)) if notes else None)
 
 
 NODES = [LLMGALongCLIPTextEncode]

@@ -6,7 +6,6 @@ report progress per token, where a user's Cancel is checked too (nodes/progress.
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
@@ -25,10 +24,9 @@ from ..llmga_core.mllm.answers import AnswerMemo, answer_id, apply_edit, memo_ke
 from ..llmga_core.mllm.quantization import bitsandbytes_installed, check_available, install_command
 from ..llmga_core.mllm.streaming import RunningAnswer
 from .memory import model_patcher
+from .notes import log_notes, shown_text
 from .paths import MLLM_FOLDER, list_model_dirs, resolve_model_path
 from .progress import step_reporter
-
-log = logging.getLogger("llmga")
 
 DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # the quantised choices of the same combo (the rest of the model in the auto dtype), so saved workflows keep
@@ -340,12 +338,9 @@ class LLMGAPromptGenerator(io.ComfyNode):
         prompt, edit, edit_note = apply_edit(reply.prompt, edited_prompt, edited_from, answer)
         if edit_note:
             notes.append(edit_note)
-        for note in notes:
-            log.warning("LLMGA Prompt Generator: %s", note)
+        notes = log_notes("LLMGA Prompt Generator", notes)
         source = reply.source_prompt if reply.source_prompt is not None else ""
-        shown = prompt if task != "editing" else prompt + "\n\nsource: " + source
-        if notes:
-            shown += "\n\n[" + " ".join(notes) + "]"
+        shown = shown_text(prompt if task != "editing" else prompt + "\n\nsource: " + source, notes)
         return io.NodeOutput(prompt, reply.response, reply.conversation, source,
                              ui=PromptText(shown, prompt=prompt, source_prompt=source, notes=notes, answer_id=answer,
                                            model_prompt=reply.prompt, edit=edit))

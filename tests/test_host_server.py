@@ -105,7 +105,8 @@ def library_mllm(models_base, name):
 
 def shown_text(reply) -> str:
     """What the node shows for a library reply: the prompt, then the notes in brackets."""
-    return reply.prompt + ("\n\n[" + " ".join(reply.notes) + "]" if reply.notes else "")
+    notes = [n if n.endswith((".", "!", "?", ":")) else n + "." for n in reply.notes]  # shown as sentences
+    return reply.prompt + ("\n\n[" + " ".join(notes) + "]" if notes else "")
 
 
 def test_prompt_generator_matches_the_library(server, models_base):

@@ -116,13 +116,18 @@ def empty_masks(mask: torch.Tensor) -> list[int]:
 class RestorePlan:
     """What a restore call will do, known before it runs: the images whose mask is empty (they come back as
     their reference, and the network is not needed for them), the memory to make room for (bytes: weights,
-    working memory at the requested tile size and the input and output images) and the note to show."""
+    working memory at the requested tile size and the input and output images) and the notes to show."""
 
     empty: tuple[int, ...]
     needs_network: bool
     memory_bytes: int
-    note: Optional[str]
+    notes: tuple[str, ...]  # plain words for the user (empty masks)
     made_for: tuple = field(default=(), repr=False, compare=False)  # restore(plan=...) reuses the checks
+
+    @property
+    def note(self) -> Optional[str]:
+        """The notes as one text (None when there are none)."""
+        return " ".join(self.notes) or None
 
 
 def _arguments(net, generated, reference, mask, noise, tile_size) -> tuple:
@@ -153,7 +158,8 @@ def plan_restore(net: DiffRIRS2, generated, reference, mask, *, noise=None, tile
         tile = None if _quarter_tile(tile_size) is None else tile_size
         images = (generated.nelement() + 2 * reference.nelement() + mask.nelement()) * 4  # + the result
         memory = weights + estimate_memory(net, height, width, tile) + images
-    return RestorePlan(empty=empty, needs_network=needs_network, memory_bytes=memory, note=note, made_for=made_for)
+    return RestorePlan(empty=empty, needs_network=needs_network, memory_bytes=memory,
+                       notes=(note,) if note else (), made_for=made_for)
 
 
 def restore(net: DiffRIRS2, generated: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, *,

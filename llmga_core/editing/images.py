@@ -1,7 +1,7 @@
 """The image and mask helpers of the CLI: crop, resize, masks between latent and image size."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -33,6 +33,18 @@ class PreparedImage(NamedTuple):
     image: torch.Tensor  # size×size×3 float in 0..1 (k/255)
     cropped: bool  # the input was not square and lost its edges
     original_size: tuple  # (height, width) of the input
+
+    @property
+    def note(self) -> Optional[str]:
+        """What the preparation did to the picture, in plain words (None when it was already size×size)."""
+        h, w = self.original_size
+        size = self.image.shape[0]
+        if self.cropped:
+            return (f"the {w}×{h} image was centre-cropped to a square and resized to {size}×{size}, as the "
+                    "original does")
+        if (h, w) != (size, size):
+            return f"the image was resized to {size}×{size}, as the original does"
+        return None
 
 
 def prepare_image(image, size: int = IMAGE_SIZE) -> PreparedImage:

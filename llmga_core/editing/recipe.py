@@ -45,14 +45,17 @@ def caption_embeddings(source_prompt: str, target_prompt: str, *, long_prompt, p
                       target=target, target_uncond=target_uncond)
 
 
-def mask_latents(x0: torch.Tensor, moments: Optional[torch.Tensor], noise: "EditNoise") -> tuple[torch.Tensor, bool]:
-    """The mask phase's VAE posterior samples × LATENT_SCALE, and whether they are the real posterior's. moments:
-    the encoder's B×2C×h×w output (mean, logvar) when the VAE exposes it; without it every sample is the mean
-    (x0 ÷ LATENT_SCALE with a logvar of −30, the clamp's floor), which the caller should say."""
+def mask_latents(x0: torch.Tensor, moments: Optional[torch.Tensor],
+                 noise: "EditNoise") -> tuple[torch.Tensor, Optional[str]]:
+    """The mask phase's VAE posterior samples × LATENT_SCALE, and a note when they are not the real posterior's.
+    moments: the encoder's B×2C×h×w output (mean, logvar) when the VAE exposes it; without it every sample is the
+    mean (x0 ÷ LATENT_SCALE with a logvar of −30, the clamp's floor)."""
     usable = moments is not None and moments.shape[1] == 2 * x0.shape[1] and moments.shape[2:] == x0.shape[2:]
+    note = None
     if not usable:
         moments = torch.cat([x0 / LATENT_SCALE, torch.full_like(x0, -30.0)], dim=1)
-    return posterior_sample(moments, noise.posterior) * LATENT_SCALE, usable
+        note = "the VAE did not expose its posterior, so the mask used its mean for every sample"
+    return posterior_sample(moments, noise.posterior) * LATENT_SCALE, note
 
 
 @dataclass
@@ -65,6 +68,7 @@ class EditResult:
     mask: torch.Tensor
     edited: bool
     unet_calls: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # plain words for the user (an empty mask)
 
 
 def unet_calls(steps: int, *, maps: int = MASK_MAPS, max_batch: Optional[int] = None, mask: bool = True,
@@ -152,7 +156,9 @@ def edit(predict_noise: PredictNoise, x0: torch.Tensor, embeds: EditEmbeds, nois
         log.info("The edit mask selects nothing, so the image is returned unchanged.")
         if progress is not None and unet.calls:
             progress(unet.total, unet.total)  # completes the bar; the inversion and re-sampling are skipped
-        return EditResult(x0, mask, False, {**calls, "inversion": 0, "resample": 0})
+        return EditResult(x0, mask, False, {**calls, "inversion": 0, "resample": 0},
+                          ["the edit mask selects nothing, so the image comes back unchanged (paint a mask over the "
+                           "region to edit, or lower mask_threshold_ratio)"])
     x_start, zs = _invert(unet, schedule, x0, noise.inversion, embeds.inversion_source, embeds.inversion_uncond,
                           steps_list, source_guidance)
     calls["inversion"] = unet.calls - calls["mask"]
