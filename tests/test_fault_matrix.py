@@ -352,7 +352,7 @@ FAULTS = [
     Fault("DiffRIR batches that do not pair", lambda: restore(
         ["b", 0], ["c", 0], ["mk", 0], extra={**RGB, "mk": solid_mask(1.0), "b": repeat(["i", 0], 8),
                                                "c": repeat(["i", 0], 3)}),
-          "DiffRIRRestore", "DiffRIR got 8 image(s), 3 reference(s) and 1 mask(s)"),
+          "DiffRIRRestore", "The batch sizes differ: 8 generated image(s), 3 reference(s) and 1 mask(s)"),
     Fault("DiffRIR tile_size below the minimum", lambda: restore(
         ["i", 0], ["i", 0], ["mk", 0], extra={**RGB, "mk": solid_mask(1.0)}, tile=5),
           "DiffRIRRestore", "tile_size must be 0 (the whole image at once; None too in Python) or at least 32 pixels; got 5"),
