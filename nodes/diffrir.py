@@ -84,7 +84,7 @@ class DiffRIRRestore(io.ComfyNode):
         if plan.needs_network:  # with only empty masks the network is not moved at all
             model_management.free_memory(plan.memory_bytes, device)
             net.to(device)
-        report = step_reporter(max(generated.shape[0], original.shape[0], mask.shape[0]))
+        report = step_reporter(plan.images)
 
         def retry(tile: int) -> None:
             log.warning("DiffRIR ran out of memory; retrying with %d-pixel tiles.", tile)

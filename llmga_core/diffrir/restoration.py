@@ -118,6 +118,7 @@ class RestorePlan:
     their reference, and the network is not needed for them), the memory to make room for (bytes: weights,
     working memory at the requested tile size and the input and output images) and the notes to show."""
 
+    images: int  # the batch after a batch of one is broadcast
     empty: tuple[int, ...]
     needs_network: bool
     memory_bytes: int
@@ -158,7 +159,7 @@ def plan_restore(net: DiffRIRS2, generated, reference, mask, *, noise=None, tile
         tile = None if _quarter_tile(tile_size) is None else tile_size
         images = (generated.nelement() + 2 * reference.nelement() + mask.nelement()) * 4  # + the result
         memory = weights + estimate_memory(net, height, width, tile) + images
-    return RestorePlan(empty=empty, needs_network=needs_network, memory_bytes=memory,
+    return RestorePlan(images=batch, empty=empty, needs_network=needs_network, memory_bytes=memory,
                        notes=(note,) if note else (), made_for=made_for)
 
 

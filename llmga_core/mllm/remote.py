@@ -36,7 +36,7 @@ from .loader import recognise
 from .model import FP16_ROTARY_FAMILIES, GenerationPlan
 from .sampling import sampling_config
 from .templates import TEMPLATES
-from .tokenization import IMAGE_TOKEN_INDEX, load_tokenizer
+from .tokenization import load_tokenizer, tokenizer_image_token
 
 # tokenized by the server and by the pack at connect: a different tokenizer (another model) gives other ids
 TOKENIZER_PROBE = "LLMGA probe: a photo of a red fox in the snow at dawn, 35mm, highly detailed."
@@ -175,14 +175,9 @@ class RemoteMLLM(Assistant):
              max_new_tokens: int = 512, temperature: float = 0.0, top_p: Optional[float] = None) -> GenerationPlan:
         """Validates the request (as validate) and says what it needs here: progress steps, and no memory."""
         request = self._request(instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens)
-        prompt_ids = self.tokenizer_ids(request.conversation.prompt(request.text))
+        prompt_ids = tokenizer_image_token(request.conversation.prompt(request.text), self.tokenizer)
         return GenerationPlan(progress_steps=max_new_tokens, positions=len(prompt_ids) + max_new_tokens,
                               weights_bytes=0, kv_cache_bytes=0, activation_bytes=0, request=request)
-
-    def tokenizer_ids(self, prompt: str) -> list[int]:
-        from .tokenization import tokenizer_image_token
-
-        return tokenizer_image_token(prompt, self.tokenizer)
 
     # ------------------------------------------------------------------------------------- the turn
     def _checked(self, instruction, task, image, mask, conversation, temperature, top_p, max_new_tokens) -> _Request:
@@ -200,9 +195,6 @@ class RemoteMLLM(Assistant):
         return None
 
     def _new_tokens(self, ids, pixels, notes, temperature, top_p, max_new_tokens, seed, counter):
-        if IMAGE_TOKEN_INDEX in ids:
-            raise MLLMInputError("The prompt holds an <image> place, which a served MLLM cannot fill; load the MLLM "
-                                 "locally with load_mllm for image conversations.")
         if self.context is not None and len(ids) + max_new_tokens > self.context:
             raise MLLMServerError(
                 f"The prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) does not fit the "
