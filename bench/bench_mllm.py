@@ -1,30 +1,36 @@
-"""Decode speed of the pack's MLLM against transformers and llama.cpp on the same weights, and the memory bound.
+"""Decode speed of the pack's MLLM in float32, bfloat16 and 8-bit against llama.cpp at the same precision.
 
 The model is a random LLMGA MLLM with the real Qwen2-0.5B sizes (hidden 896, 24 layers, 14 heads / 2 KV
 heads, MLP 4864, 151936 embedding rows shrunk to the tokenizer's 151646 as the original does; `--size 7b`:
 Qwen2-7B's), written in the released layout and loaded through load_mllm. Every contender gets the same
-text-to-image prompt and greedy decoding with the folder's repetition penalty (1.1, over the generated ids):
+text-to-image prompt and greedy decoding with the folder's repetition penalty (1.1, over the generated ids).
+For each precision (`--precisions`, default f32,bf16,q8_0 on a CPU):
 
-  - the pack: `LLMGAMLLM.generate` with the static-cache decoder (fast_decode.py, compiled) and with today's
-    dynamic-cache loop (`decoder = "dynamic"`); with `--int8`, also the pack loaded with quantization="8bit"
-  - transformers `generate` on the same language model: eager with its dynamic cache, and with its static cache
-    and torch.compile (`cache_implementation="static"`)
-  - llama.cpp through llama-cpp-python (optional: `pip install llama-cpp-python gguf`) on the same weights
-    written as GGUF by llmga_core.export, at the bench's precision and as q8_0 for reference; the prompt goes in as
-    token ids and the penalty and argmax are applied to its logits here, as the pack does
+  - the pack: `LLMGAMLLM.generate` with the static-cache decoder (fast_decode.py, compiled), and its
+    dynamic-cache loop (`decoder = "dynamic"`) as the baseline in the same process; f32 and bf16 load with
+    that dtype, q8_0 with `quantization="int8"` (the pack's int8 blocks of 32, LM head included);
+  - llama.cpp's llama-server (built by .ci/build_llama_server.sh) on the same weights written as GGUF by
+    llmga_core.export (f32, bf16, q8_0), at the same thread count: its decode rate is the server's own
+    `timings.predicted_per_second` for one request of N tokens (no HTTP in the figure); its greedy tokens come
+    through `connect_mllm`, one token per request, which gives the exact token sequence;
+  - with `--transformers`: transformers `generate` on the same language model, eager and static + compile;
+    with `--int8`: bitsandbytes' LLM.int8() (`quantization="8bit"`); with `--cpu-linears`: the compiled step
+    with other CPU linear kernels.
 
 Decode speed is (N - 1) new tokens over time(N tokens) - time(1 token), so the prompt's prefill cancels out;
 rounds alternate the order of the contenders, and the median round counts. The bound is the best of a large
-copy (bytes read + written) and a large sum (bytes read) ÷ the weight bytes each token reads.
+copy (bytes read + written) and a large sum (bytes read) ÷ the weight bytes each token reads. "ids as f32"
+counts the leading greedy tokens equal to the pack's float32 answer.
 
-    .venv-comfyui-0.33.0/bin/python bench/bench_mllm.py                                   # float32 on CPU, 1 and 2 threads
-    .venv-comfyui-0.33.0/bin/python bench/bench_mllm.py --dtype bfloat16 --threads 2
+    .venv-comfyui-0.33.0/bin/python bench/bench_mllm.py                            # f32, bf16, q8_0; 1 and 2 threads
+    .venv-comfyui-0.33.0/bin/python bench/bench_mllm.py --precisions bf16 --threads 2
     .venv-comfyui-0.33.0/bin/python bench/bench_mllm.py --device cuda --dtype float16 [--size 7b]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import statistics
 import sys
 import tempfile
@@ -66,13 +72,13 @@ def memory_bandwidth(device: torch.device) -> tuple[float, float]:
 
 
 def bytes_per_token(lm) -> int:
-    """Weight bytes one decode step reads: all parameters, less the input embedding when the head is separate
-    (only one embedding row is read per token)."""
-    total = sum(p.numel() * p.element_size() for p in lm.parameters())
+    """Weight bytes one decode step reads: all parameters and buffers (the int8 layers keep their weights and
+    scales as buffers), less the input embedding unless it is also the head (one row of it is read per token)."""
+    tensors = {t.data_ptr(): t for t in (*lm.parameters(), *lm.buffers())}
     embed, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
     if embed.data_ptr() != head.data_ptr():
-        total -= embed.numel() * embed.element_size()
-    return total
+        tensors.pop(embed.data_ptr(), None)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def penalised_argmax(logits, generated: list[int], penalty: float) -> int:
@@ -108,81 +114,130 @@ def transformers_generate(lm, embeds, eos: list[int], penalty: float, *, static:
 
 
 # ------------------------------------------------------------------------------------------------- GGUF
+GGUF_TYPES = {"f32": "f32", "bf16": "bf16", "q8_0": "q8_0", "f16": "f16"}
+PACK_LOADS = {"f32": dict(dtype=torch.float32), "bf16": dict(dtype=torch.bfloat16), "f16": dict(dtype=torch.float16),
+              "q8_0": dict(dtype=torch.float32, quantization="int8")}
+
+
 def write_gguf(path: Path, folder: Path, kind: str) -> int:
-    """The language model as GGUF with matrices in `kind` (F32, F16, BF16, Q8_0), written by the pack's exporter
+    """The language model as GGUF with matrices in `kind` (f32, f16, bf16, q8_0), written by the pack's exporter
     (llmga_core.export); returns the bytes of the tensors a token reads (all but the embedding table, which a
     token reads one row of, unless it is also the output head)."""
     import gguf
 
-    write_gguf_file(folder, path, dtype=kind.lower())
+    write_gguf_file(folder, path, dtype=kind)
     tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
     tied = "output.weight" not in tensors
     return sum(size for name, size in tensors.items() if name != "token_embd.weight" or tied)
 
 
-class LlamaCpp:
-    """One llama.cpp model (llama-cpp-python) decoding greedily from prompt ids."""
+class LlamaServerContender:
+    """llama-server on one GGUF at a thread count: decode rate from the server's own timings, exact greedy ids
+    through connect_mllm."""
 
-    def __init__(self, path: Path, threads: int, context: int, penalty: float, eos: list[int]):
-        from llama_cpp import Llama
+    def __init__(self, gguf_path: Path, folder: Path, threads: int, context: int):
+        from tests.fixtures.llama_server import LlamaServer
 
-        self.model = Llama(model_path=str(path), n_ctx=context, n_batch=512, n_threads=threads,
-                           n_threads_batch=threads, n_gpu_layers=-1, verbose=False)
-        self.penalty, self.eos = penalty, set(eos)
+        self.server = LlamaServer(gguf_path, threads=threads, context=context).start()
+        self.folder = folder
 
-    def set_threads(self, threads: int) -> None:
-        import llama_cpp
+    def rate(self, prompt_ids: list[int], tokens: int, penalty: float) -> float:
+        import json
+        import urllib.request
 
-        llama_cpp.llama_set_n_threads(self.model._ctx.ctx, threads, threads)
+        body = {"prompt": prompt_ids, "n_predict": tokens, "samplers": ["penalties", "top_k"], "top_k": 1,
+                "repeat_penalty": penalty, "repeat_last_n": tokens, "ignore_eos": True, "cache_prompt": False}
+        request = urllib.request.Request(self.server.base_url + "/completion", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return float(json.load(response)["timings"]["predicted_per_second"])
 
-    def generate(self, prompt_ids: list[int], tokens: int) -> list[int]:
-        import numpy as np
+    def ids(self, tokens: int) -> list[int]:
+        from llmga_core.mllm import connect_mllm
 
-        self.model.reset()
-        self.model.eval(prompt_ids)
-        vocabulary = self.model.n_vocab()
-        ids: list[int] = []
-        for step in range(tokens):
-            logits = np.ctypeslib.as_array(self.model._ctx.get_logits(), shape=(vocabulary,)).copy()
-            ids.append(penalised_argmax(logits, ids, self.penalty))
-            if ids[-1] in self.eos or step + 1 == tokens:
-                break
-            self.model.eval([ids[-1]])
-        return ids
+        remote = connect_mllm(self.folder, self.server.base_url)
+        return remote.generate(PROMPT, task="text-to-image", max_new_tokens=tokens).token_ids
+
+    def stop(self) -> None:
+        self.server.stop()
 
 
-def llama_cpp_missing() -> str | None:
+def llama_server_missing() -> str | None:
     try:
         import gguf  # noqa: F401
-        import llama_cpp  # noqa: F401
-    except ImportError as error:
-        return f"llama.cpp not measured: {error.name} is not installed (pip install llama-cpp-python gguf)"
+    except ImportError:
+        return "llama.cpp not measured: the gguf package is not installed (pip install gguf)"
+    from tests.fixtures.llama_server import llama_server_binary
+
+    try:
+        llama_server_binary()
+    except BaseException as error:  # pytest.fail's exception, with the command that builds it
+        return f"llama.cpp not measured: {error}"
     return None
 
 
 # ------------------------------------------------------------------------------------------------ the run
+def leading_agreement(ids: list[int], reference: list[int]) -> str:
+    same = next((i for i, (a, b) in enumerate(zip(ids, reference)) if a != b), min(len(ids), len(reference)))
+    return "all" if same == len(ids) == len(reference) else f"first {same}"
+
+
+def measure(contenders: dict, n: int, rounds: int, device: torch.device) -> tuple[dict, dict, dict]:
+    """(median decode rate, first-call excess (compile) time, last ids) per contender. A contender is
+    run(tokens) -> ids, or a LlamaServerContender-style object measured by its own rate."""
+    first_call, rates, full, ids = {}, {name: [] for name in contenders}, {name: [] for name in contenders}, {}
+    for name, run in contenders.items():  # warm-up: the first call at N tokens compiles
+        run(1)
+        synchronize(device)
+        started = time.perf_counter()
+        ids[name] = run(n)
+        synchronize(device)
+        first_call[name] = time.perf_counter() - started
+    for round_ in range(rounds):
+        for name in (list(contenders) if round_ % 2 == 0 else list(contenders)[::-1]):
+            times = {}
+            for tokens in (1, n):
+                synchronize(device)
+                started = time.perf_counter()
+                ids[name] = contenders[name](tokens)
+                synchronize(device)
+                times[tokens] = time.perf_counter() - started
+            full[name].append(times[n])
+            rates[name].append(max(len(ids[name]) - 1, 1) / max(times[n] - times[1], 1e-9))
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    compile_times = {name: first_call[name] - statistics.median(full[name]) for name in contenders}
+    return medians, compile_times, ids
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="one precision (the default on a GPU: float16); --precisions names several")
+    parser.add_argument("--precisions", default=None, help="comma-separated among f32, bf16, q8_0 (pack: int8), f16")
     parser.add_argument("--size", default="0.5b", choices=sorted(QWEN2_SIZES))
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", default="1,2", help="CPU thread counts to measure, comma-separated")
-    parser.add_argument("--int8", action="store_true", help="also the pack loaded with quantization='8bit' "
-                                                            "(bitsandbytes) against llama.cpp's q8_0")
+    parser.add_argument("--transformers", action="store_true",
+                        help="also transformers generate (eager, and static cache + torch.compile)")
+    parser.add_argument("--int8", action="store_true", help="also bitsandbytes' LLM.int8() (quantization='8bit')")
     parser.add_argument("--cpu-linears", default="",
                         help="also the pack's compiled step with these CPU linear kernels (comma-separated: "
-                             "reduction, onednn, default), to measure the alternatives on this machine")
+                             "bf16, reduction, onednn, default), to measure the alternatives on this machine")
     parser.add_argument("--no-llama-cpp", action="store_true")
-    parser.add_argument("--no-transformers-static", action="store_true",
-                        help="skip transformers' static cache + torch.compile (its compilation is the slowest)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds")  # the intended behaviour
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
+    names = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+    if args.precisions:
+        precisions = args.precisions.split(",")
+    elif args.dtype:
+        precisions = [names[args.dtype]]
+    else:
+        precisions = ["f32", "bf16", "q8_0"] if device.type == "cpu" else ["f16"]
     threads = [int(t) for t in args.threads.split(",")] if device.type == "cpu" else [torch.get_num_threads()]
     n = args.new_tokens
     torch.set_num_threads(max(threads))
@@ -191,115 +246,91 @@ def main() -> None:
     start = time.perf_counter()
     folder = make_mllm_folder(tmp, "qwen2", sizes=QWEN2_SIZES[args.size])
     make_vision_tower(tmp / "clip-vit-large-patch14-336")
-    mllm = load_mllm(folder, device=device, dtype=dtype)
-    lm = mllm.model.language_model
-    print(f"model: random Qwen2-{args.size.upper()}-sized LLMGA MLLM, {args.dtype} on {device} "
-          f"(built and loaded in {time.perf_counter() - start:.1f} s); torch {torch.__version__}")
-    weight_bytes = bytes_per_token(lm)
-    prompt = mllm.new_conversation().prompt("Generate an image based on given keywords. " + PROMPT)
-    prompt_ids = tokenizer_image_token(prompt, mllm.tokenizer)
-    embeds = mllm._input_embeddings(prompt_ids, None, [])
-    eos = list(mllm._sampling.eos_ids)
-    penalty = mllm._sampling.repetition_penalty
-    print(f"weights read per token: {weight_bytes / 1e9:.3f} GB; prompt {len(prompt_ids)} positions, {n} new "
-          f"tokens, {args.rounds} rounds in alternating order, medians")
+    reference = load_mllm(folder, device=device, dtype=torch.float32 if device.type == "cpu" else torch.float16)
+    prompt = reference.new_conversation().prompt("Generate an image based on given keywords. " + PROMPT)
+    prompt_ids = tokenizer_image_token(prompt, reference.tokenizer)
+    penalty = reference._sampling.repetition_penalty
+    reference_ids = reference.generate(PROMPT, task="text-to-image", max_new_tokens=n).token_ids
+    reference_label = "f32" if device.type == "cpu" else "f16"
+    del reference
+    print(f"model: random Qwen2-{args.size.upper()}-sized LLMGA MLLM on {device} (built in "
+          f"{time.perf_counter() - start:.1f} s); torch {torch.__version__}; prompt {len(prompt_ids)} positions, "
+          f"{n} new tokens, {args.rounds} rounds in alternating order, medians")
+    notes = []
+    missing = "llama.cpp not measured (--no-llama-cpp)" if args.no_llama_cpp or device.type != "cpu" else None
+    missing = missing or llama_server_missing()
+    if missing:
+        notes.append(missing)
 
-    def pack(decoder: str, model=mllm, linear=None):
+    def pack(model, decoder: str, linear=None):
         def run(tokens):
             model.decoder = decoder
             model.cpu_linear = linear
             return model.generate(PROMPT, task="text-to-image", max_new_tokens=tokens).token_ids
         return run
 
-    pack_name, before_name = "pack: static cache + compiled step", "pack: dynamic cache (before)"
-    contenders = {pack_name: (pack("auto"), dtype, weight_bytes),
-                  before_name: (pack("dynamic"), dtype, weight_bytes),
-                  "transformers generate, eager": (transformers_generate(lm, embeds, eos, penalty, static=False), dtype,
-                                                   weight_bytes)}
-    if not args.no_transformers_static:
-        contenders["transformers generate, static + compile"] = (
-            transformers_generate(lm, embeds, eos, penalty, static=True), dtype, weight_bytes)
-    for linear in filter(None, args.cpu_linears.split(",")):
-        contenders[f"pack: compiled step, {linear} linear"] = (pack("compiled", linear=linear), dtype, weight_bytes)
-    notes = []
-    if args.int8:
-        try:
-            int8 = load_mllm(folder, device=device, dtype=dtype, quantization="8bit")
-            int8_bytes = bytes_per_token(int8.model.language_model)
-            contenders["pack 8-bit (bitsandbytes)"] = (pack("auto", int8), "int8", int8_bytes)
-        except Exception as error:  # bitsandbytes missing or without kernels here
-            notes.append(f"pack 8-bit not measured: {error}")
-    llama = {}
-    missing = None if not args.no_llama_cpp else "llama.cpp not measured (--no-llama-cpp)"
-    missing = missing or llama_cpp_missing()
-    if missing is None:
-        kinds = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[args.dtype]
-        for kind in dict.fromkeys([kinds, "Q8_0"]):
-            path = tmp / f"model-{kind}.gguf"
-            started = time.perf_counter()
-            read = write_gguf(path, folder, kind)
-            llama[kind] = LlamaCpp(path, max(threads), len(prompt_ids) + n + 16, penalty, eos)
-            label = f"llama.cpp {kind.lower()}" + (" (8-bit reference)" if kind == "Q8_0" else "")
-            contenders[label] = (lambda tokens, m=llama[kind]: m.generate(prompt_ids, tokens), kind, read)
-            print(f"{label}: GGUF written and loaded in {time.perf_counter() - started:.1f} s")
-    else:
-        notes.append(missing)
+    rows = []  # (threads, precision, name, rate, bound, compile, agreement, × baseline)
+    for precision in precisions:
+        mllm = load_mllm(folder, device=device, **PACK_LOADS[precision])
+        lm = mllm.model.language_model
+        read = bytes_per_token(lm)
+        pack_name, before_name = "pack: compiled step", "pack: dynamic loop (baseline)"
+        contenders = {pack_name: (pack(mllm, "auto"), read), before_name: (pack(mllm, "dynamic"), read)}
+        if args.transformers:
+            embeds = mllm._input_embeddings(prompt_ids, None, [])
+            eos = list(mllm._sampling.eos_ids)
+            for static in (False, True):
+                label = "transformers generate, " + ("static + compile" if static else "eager")
+                contenders[label] = (transformers_generate(lm, embeds, eos, penalty, static=static), read)
+        for linear in filter(None, args.cpu_linears.split(",")):
+            contenders[f"pack: compiled step, {linear} linear"] = (pack(mllm, "compiled", linear), read)
+        if args.int8 and precision == "q8_0":
+            try:
+                bnb = load_mllm(folder, device=device, quantization="8bit")
+                contenders["pack 8-bit (bitsandbytes)"] = (pack(bnb, "auto"), bytes_per_token(bnb.model.language_model))
+            except Exception as error:  # bitsandbytes missing or without kernels here
+                notes.append(f"bitsandbytes 8-bit not measured: {error}")
+        gguf_path, gguf_read = None, None
+        if missing is None and precision in GGUF_TYPES:
+            gguf_path = tmp / f"model-{precision}.gguf"
+            gguf_read = write_gguf(gguf_path, folder, GGUF_TYPES[precision])
+        print(f"\n{precision}: the pack reads {read / 1e9:.3f} GB per token"
+              + (f", llama.cpp {gguf_read / 1e9:.3f} GB" if gguf_read else "")
+              + (f"; CPU linear kernel: {fast_decode.cpu_linear_choice(lm, mllm.dtype, compiled=True)}"
+                 if device.type == "cpu" and precision != "q8_0" else ""))
+        for count in threads:
+            if device.type == "cpu":
+                torch.set_num_threads(count)
+            copy_rate, read_rate = memory_bandwidth(device)
+            bandwidth = max(copy_rate, read_rate)
+            rates, compile_times, ids = measure({k: v[0] for k, v in contenders.items()}, n, args.rounds, device)
+            for name, (_, weight_bytes) in contenders.items():
+                rows.append((count, precision, name, rates[name], bandwidth / weight_bytes, compile_times[name],
+                             leading_agreement(ids[name], reference_ids), rates[name] / rates[before_name]))
+            if gguf_path is not None:
+                server = LlamaServerContender(gguf_path, folder, count, len(prompt_ids) + 2 * n + 64)
+                try:
+                    server_rates = [server.rate(prompt_ids, n, penalty) for _ in range(args.rounds + 1)][1:]
+                    server_ids = server.ids(n)
+                finally:
+                    server.stop()
+                rate = statistics.median(server_rates)
+                rows.append((count, precision, f"llama.cpp {precision} (llama-server)", rate, bandwidth / gguf_read,
+                             0.0, leading_agreement(server_ids, reference_ids), rate / rates[before_name]))
+            where = f"{count} thread{'s' if count > 1 else ''}" if device.type == "cpu" else str(device)
+            print(f"  {where}: memory copy {copy_rate / 1e9:.1f} GB/s (read + write), sum {read_rate / 1e9:.1f} "
+                  "GB/s (read)")
+        del mllm, contenders
+        gc.collect()
 
-    for count in threads:
-        if device.type == "cpu":
-            torch.set_num_threads(count)
-            for model in llama.values():
-                model.set_threads(count)
-        copy_rate, read_rate = memory_bandwidth(device)
-        bandwidth = max(copy_rate, read_rate)
-        # warm-up: the first call at N tokens compiles the compiled contenders; its excess is the compile time
-        first_call = {}
-        for name, (run, _, _) in contenders.items():
-            run(1)
-            synchronize(device)
-            started = time.perf_counter()
-            run(n)
-            synchronize(device)
-            first_call[name] = time.perf_counter() - started
-        rates = {name: [] for name in contenders}
-        full = {name: [] for name in contenders}
-        ids = {}
-        for round_ in range(args.rounds):
-            order = list(contenders) if round_ % 2 == 0 else list(contenders)[::-1]
-            for name in order:
-                run = contenders[name][0]
-                times = {}
-                for tokens in (1, n):
-                    synchronize(device)
-                    started = time.perf_counter()
-                    ids[name] = run(tokens)
-                    synchronize(device)
-                    times[tokens] = time.perf_counter() - started
-                full[name].append(times[n])
-                rates[name].append(max(len(ids[name]) - 1, 1) / max(times[n] - times[1], 1e-9))
-        where = f"{count} thread{'s' if count > 1 else ''}" if device.type == "cpu" else str(device)
-        print(f"\n{where}: memory copy {copy_rate / 1e9:.1f} GB/s (read + write), sum {read_rate / 1e9:.1f} GB/s "
-              f"(read); bound = {bandwidth / 1e9:.1f} GB/s ÷ weight bytes per token")
-        ours = statistics.median(rates[pack_name])
-        print(f"{'contender':42} {'tokens/s':>9} {'× pack':>7} {'bound':>7} {'% bound':>8} {'compile':>8}  "
-              f"ids as before")
-        reference = ids[before_name]
-        for name, (_, precision, read) in contenders.items():
-            rate = statistics.median(rates[name])
-            bound = bandwidth / read
-            compile_time = first_call[name] - statistics.median(full[name])
-            agree = next((i for i, (a, b) in enumerate(zip(ids[name], reference)) if a != b),
-                         min(len(ids[name]), len(reference)))
-            same = "all" if agree == len(ids[name]) == len(reference) else f"first {agree}"
-            shown = f"{compile_time:7.1f}s" if compile_time > 1.0 else "      -"
-            print(f"{name:42} {rate:9.2f} {rate / ours:7.2f} {bound:7.1f} {rate / bound:8.0%} {shown:>8}  {same}")
-        if len(ids[pack_name]) < n:
-            print(f"note: the model emitted its end token after {len(ids[pack_name])} tokens; rates use that count")
+    print(f"\n{'threads':>7} {'prec.':>5} {'contender':44} {'tok/s':>7} {'× base':>7} {'bound':>7} {'% bound':>8} "
+          f"{'compile':>8}  ids as {reference_label}")
+    for count, precision, name, rate, bound, compile_time, agreement, ratio in rows:
+        shown = f"{compile_time:7.1f}s" if compile_time > 1.0 else "      -"
+        print(f"{count:>7} {precision:>5} {name:44} {rate:7.2f} {ratio:7.2f} {bound:7.1f} {rate / bound:8.0%} "
+              f"{shown:>8}  {agreement}")
     for note in notes:
         print(note)
-    if device.type == "cpu":
-        print(f"the pack's compiled CPU step multiplies by the weights with the "
-              f"{fast_decode.cpu_linear_choice(lm, dtype, compiled=True)} kernel")
     with contextlib.suppress(OSError):
         import shutil
 

@@ -30,8 +30,9 @@ from .progress import step_reporter
 
 DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # the quantised choices of the same combo (the rest of the model in the auto dtype), so saved workflows keep
-# their widget values; bitsandbytes is optional, so they are always listed and refused with how to install it
-QUANTIZED = ("8bit", "4bit")
+# their widget values: int8 is the pack's own; bitsandbytes (8bit, 4bit) is optional, so those are always listed
+# and refused with how to install it
+QUANTIZED = ("int8", "8bit", "4bit")
 
 # ComfyUI 0.33 lists in /history and re-sends to the browser only the UI of nodes that ran in that prompt, unless
 # the schema sets has_intermediate_output (comfy_api/latest/_io.py; execution.py sends cached UIs of such nodes);
@@ -95,9 +96,12 @@ def vision_tower_for(folder: str) -> str:
 
 
 def dtype_tooltip() -> str:
-    text = ("auto: float16 on a GPU (as LLMGA runs), float32 on the CPU. 8bit (LLM.int8(), about half the float16 "
-            "size of the LLM's layers) and 4bit (NF4, about a quarter) are the original's --load-8bit / --load-4bit, "
-            "with the rest of the model in the auto dtype (the vision tower and projector are not quantized).")
+    text = ("auto: float16 on a GPU (as LLMGA runs), float32 on the CPU; bfloat16 halves float32's size and, on "
+            "CPUs with AVX-512 BF16, its time per token. int8: the pack's own 8-bit weights (blocks of 32 with a "
+            "float16 scale, as llama.cpp's q8_0; the LM head too), the fastest choice on a CPU. 8bit (LLM.int8(), "
+            "about half the float16 size of the LLM's layers) and 4bit (NF4, about a quarter) are the original's "
+            "--load-8bit / --load-4bit. The rest of the model is in the auto dtype (the vision tower and projector "
+            "are not quantized).")
     if bitsandbytes_installed():
         return text + " 8bit/4bit run on bitsandbytes."
     return text + (f" 8bit/4bit need bitsandbytes, which is not installed: run `{install_command()}` and restart "
@@ -138,7 +142,7 @@ class LLMGAMLLMLoader(io.ComfyNode):
         llm_dtype = choose_dtype(dtype, load_device)
         quantization = dtype if dtype in QUANTIZED else None
         tower = vision_tower_for(folder)
-        if quantization is not None:  # it runs on the load device; load_mllm checks the one it loads on
+        if quantization in ("8bit", "4bit"):  # it runs on the load device; load_mllm checks the one it loads on
             check_available(quantization, load_device, llm_dtype)
         mllm = load_mllm(folder, vision_tower=tower, device=offload_device, dtype=llm_dtype,
                          quantization=quantization)

@@ -146,7 +146,8 @@ def test_the_int8_matrix_follows_the_weight_when_the_host_moves_the_model(root):
 def test_unknown_quantization_is_one_sentence(root):
     with pytest.raises(ValueError) as info:
         load_mllm(root / RELEASED_NAMES["qwen2"], quantization="int4")
-    assert str(info.value) == "quantization is 'int4'; use None (no quantisation), '8bit' or '4bit'."
+    assert str(info.value) == ("quantization is 'int4'; use None (no quantisation), 'int8' (the pack's 8-bit "
+                               "weights, fast on CPUs), '8bit' (bitsandbytes' LLM.int8()) or '4bit' (NF4).")
 
 
 # ------------------------------------------------------------------------------------------- in the host
@@ -164,7 +165,7 @@ def test_the_loader_node_loads_8bit_under_host_memory_management(comfy_inprocess
     schema = nodes.LLMGAMLLMLoader.define_schema()
     # choices of the dtype combo, so saved workflows keep their widget values
     assert [i.id for i in schema.inputs] == ["model_name", "dtype"]
-    assert schema.inputs[1].options == ["auto", "float16", "bfloat16", "float32", "8bit", "4bit"]
+    assert schema.inputs[1].options == ["auto", "float16", "bfloat16", "float32", "int8", "8bit", "4bit"]
     name = RELEASED_NAMES["gemma"]
     plain = nodes.LLMGAMLLMLoader.execute(name, "auto")[0]
     loaded = nodes.LLMGAMLLMLoader.execute(name, "8bit")[0]
@@ -177,6 +178,13 @@ def test_the_loader_node_loads_8bit_under_host_memory_management(comfy_inprocess
     assert nodes.LLMGAPromptGenerator.execute(loaded, **args).args[1] == out.args[1]
     direct = loaded.mllm.generate(PROMPT, task="text-to-image", max_new_tokens=6)
     assert out.args[1] == direct.response
+    # the pack's own int8 weights: no bitsandbytes check, a smaller model under the host, the same answer as
+    # the library's
+    own = nodes.LLMGAMLLMLoader.execute(name, "int8")[0]
+    assert (own.mllm.quantization, own.mllm.dtype) == ("int8", torch.float32)
+    assert own.patcher.model_size() == own.mllm.size_bytes() < plain.patcher.model_size()
+    out = nodes.LLMGAPromptGenerator.execute(own, **args)
+    assert out.args[1] == own.mllm.generate(PROMPT, task="text-to-image", max_new_tokens=6).response
 
 
 # ------------------------------------------------------------------------------------------- refusals

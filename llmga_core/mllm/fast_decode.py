@@ -14,7 +14,9 @@ so the same generator draws give the same tokens.
 On the CPU, torch's default matrix-vector kernel (MKL's sgemm at one row, in float32) uses one core. A compiled
 step writes each linear layer as a multiply-and-sum over the weight rows, which inductor turns into one
 vectorised pass over the weights on every core; an uncompiled one uses oneDNN's linear where a short measurement
-finds it faster (`cpu_linear_choice`).
+finds it faster (`cpu_linear_choice`). A bfloat16 model uses cpu_kernels' AVX-512 BF16 kernel instead, compiled
+or not, where the processor has it: inductor's fused loop widens every bfloat16 weight to float32 and stays well
+below the memory rate. The pack's int8 layers (int8_weights.py) bring their own kernel.
 
 Nothing here changes the model: the prefill, the weights and the module tree stay as loaded; the linear kernel is
 swapped only for the duration of a decode.
@@ -32,6 +34,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from . import cpu_kernels
+from .int8_weights import Int8Linear
 from .sampling import forward_argument_names, next_token
 
 log = logging.getLogger("llmga")
@@ -134,17 +138,39 @@ def _onednn_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.llmga.onednn_linear(x, module.weight, module.bias)  # defined by _onednn_linear()
 
 
+REDUCTION_CHUNK = 4096  # inductor sums longer reductions with a slower cascade (codegen/cpp.py's chunk size)
+
+
 def _reduction_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """x·Wᵀ + b written as a multiply-and-sum over each weight row, which inductor fuses into one pass over W,
     parallel over the output features, accumulating in float32. Only for compiled steps: run eagerly it would
-    materialise x * W."""
-    out = (x.unsqueeze(-2).to(torch.float32) * module.weight.to(torch.float32)).sum(-1)
+    materialise x * W. Rows longer than REDUCTION_CHUNK are summed in equal parts, then the parts (Qwen2-0.5B's
+    4864-wide down projection read at 11 GB/s as one cascade sum, at the rate of the others in two parts)."""
+    weight = module.weight.to(torch.float32)
+    width = weight.shape[-1]
+    parts = next((p for p in range(-(-width // REDUCTION_CHUNK), 65) if width % p == 0), 1)
+    if parts == 1:
+        out = (x.unsqueeze(-2).to(torch.float32) * weight).sum(-1)
+    else:
+        pieces = x.to(torch.float32).unflatten(-1, (parts, width // parts)).unsqueeze(-3)
+        out = (pieces * weight.unflatten(-1, (parts, width // parts))).sum(-1).sum(-1)
     if module.bias is not None:
         out = out + module.bias.to(torch.float32)
     return out.to(x.dtype)
 
 
-_FORWARDS = {"onednn": _onednn_forward, "reduction": _reduction_forward}
+def _bf16_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """x·Wᵀ + b with cpu_kernels' AVX-512 BF16 kernel (bfloat16 products, float32 sums); falls back to torch's
+    linear for weights of another dtype."""
+    if module.weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16:
+        return nn.functional.linear(x, module.weight, module.bias)
+    out = torch.ops.llmga.gemv_bf16(x, module.weight)
+    if module.bias is not None:
+        out = out + module.bias.to(torch.float32)
+    return out.to(x.dtype)
+
+
+_FORWARDS = {"onednn": _onednn_forward, "reduction": _reduction_forward, "bf16": _bf16_forward}
 
 
 def _plain_linears(lm: nn.Module) -> list[nn.Linear]:
@@ -153,13 +179,18 @@ def _plain_linears(lm: nn.Module) -> list[nn.Linear]:
 
 
 def cpu_linear_choice(lm: nn.Module, dtype: torch.dtype, compiled: bool, chosen: Optional[str] = None) -> str:
-    """The matrix-vector kernel of the CPU step. Compiled: "reduction" (on 2 cores of an AVX-512 EPYC,
-    docs/speed-and-memory.md: ×1.3–1.8 faster than oneDNN's and ×1.7–2.3 than torch's default, which uses one
-    core). Uncompiled: "onednn" or "default", the faster for this model's largest linear layer at the current
-    thread count, measured once per process and shape (interleaved runs, best of five). chosen: the model's
-    `cpu_linear` ("reduction", "onednn" or "default"), which wins where it can run."""
+    """The matrix-vector kernel of the CPU step. bfloat16 where cpu_kernels' AVX-512 BF16 kernel runs: "bf16"
+    (compiled or not; it reads the weights at the memory rate). Otherwise compiled: "reduction" (on 2 cores of
+    an AVX-512 EPYC, docs/speed-and-memory.md: ×1.3–1.8 faster than oneDNN's and ×1.7–2.3 than torch's default,
+    which uses one core). Uncompiled: "onednn" or "default", the faster for this model's largest linear layer
+    at the current thread count, measured once per process and shape (interleaved runs, best of five). chosen:
+    the model's `cpu_linear` ("bf16", "reduction", "onednn" or "default"), which wins where it can run."""
+    if chosen == "bf16" and not cpu_kernels.available("bf16")[0]:
+        chosen = None
     if chosen is not None:
         return chosen if compiled or chosen != "reduction" else "default"
+    if dtype == torch.bfloat16 and _plain_linears(lm) and cpu_kernels.available("bf16")[0]:
+        return "bf16"
     if compiled:
         return "reduction"
     onednn = _onednn_linear()
@@ -201,6 +232,8 @@ def linear_kernel(lm: nn.Module, choice: str):
         return
     linears = _plain_linears(lm)
     _onednn_linear()  # defines the op (outside any compiled region)
+    if choice == "bf16":
+        cpu_kernels.available("bf16")  # builds and registers the op, likewise
     for module in linears:
         module.forward = forward.__get__(module)
     try:
@@ -357,7 +390,8 @@ def decode(mllm, embeds: torch.Tensor, temperature: float, top_p: Optional[float
     if reason:
         raise _decline(("unsupported",), reason)
     plan = _plan(lm, device, dtype, mode, getattr(mllm, "cpu_linear", None))
-    quantised = any(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in lm.modules())
+    quantised = any((isinstance(m, nn.Linear) and type(m) is not nn.Linear) or isinstance(m, Int8Linear)
+                    for m in lm.modules())
     static_key = (device.type, dtype, type(lm).__name__, quantised)  # where the static cache itself failed
     failure_key = static_key + ("compiled",) if plan.compiled else static_key
     for key in {static_key, failure_key}:

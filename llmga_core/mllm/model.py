@@ -25,7 +25,7 @@ from .conversation import Conversation
 from ..releases import find_vision_tower
 from .loader import (FolderInfo, build_language_model, build_projector, check_vision_tower_fits, checkpoint_files,
                      load_vision_tower, load_weights, native_config, recognise, shrink_vocabulary, vision_tower_pixels)
-from . import quantization as quantizing
+from . import int8_weights, quantization as quantizing
 from .sampling import forward_argument_names, next_token, sampling_config
 from .prompts import EDITING_FIRST_TURN
 from .templates import TEMPLATES
@@ -304,8 +304,10 @@ def load_mllm(folder, *, vision_tower=None, device=None, dtype: Optional[torch.d
     vision_tower: the openai/clip-vit-large-patch14-336 folder (or its weights as one .safetensors file), else a
     folder of that name beside or inside the model folder. device: where the modules go (default CPU). dtype:
     the LLM's dtype (default float16 on CUDA, float32 elsewhere); CLIP always runs in float32. template: override
-    the conversation template by name. quantization: None, "8bit" (LLM.int8()) or "4bit" (NF4) for the LLM's
-    linear layers through bitsandbytes, as the original's --load-8bit / --load-4bit (needs bitsandbytes).
+    the conversation template by name. quantization: None; "int8", the pack's own 8-bit weights (blocks of 32
+    with a float16 scale, LM head included; int8_weights.py), the fast 8-bit choice on CPUs; or "8bit"
+    (LLM.int8()) / "4bit" (NF4) for the LLM's decoder layers through bitsandbytes, as the original's
+    --load-8bit / --load-4bit (needs bitsandbytes).
     """
     info = recognise(Path(folder))
     if template is not None and template not in TEMPLATES:
@@ -320,7 +322,7 @@ def load_mllm(folder, *, vision_tower=None, device=None, dtype: Optional[torch.d
     tower_path = find_vision_tower(info.folder, info.config, vision_tower)
     files = checkpoint_files(info.folder)
     check_vision_tower_fits(tower_path, files, info.config)
-    if quantization is not None:
+    if quantization in quantizing.MODES:
         quantizing.check_available(quantization, device, dtype)
     tokenizer = load_tokenizer(info.folder, info.family)
     pixels = vision_tower_pixels(tower_path)
@@ -328,12 +330,17 @@ def load_mllm(folder, *, vision_tower=None, device=None, dtype: Optional[torch.d
     config = native_config(info, dtype)
     language_model = build_language_model(config, dtype)
     projector = build_projector(info.config, config.hidden_size, dtype)
-    quantizer = quantizing.LinearQuantizer(language_model, quantization, dtype, device) if quantization else None
+    if quantization == "int8":
+        quantizer = int8_weights.Int8Quantizer(language_model)
+    elif quantization is not None:
+        quantizer = quantizing.LinearQuantizer(language_model, quantization, dtype, device)
+    else:
+        quantizer = None
     load_weights(files, language_model, projector, tied=bool(getattr(config, "tie_word_embeddings", False)),
                  on_loaded=quantizer.loaded if quantizer else None)
-    if quantizer is not None:
-        quantizer.finish()
     shrink_vocabulary(language_model, len(tokenizer))
+    if quantizer is not None:
+        quantizer.finish()  # after the shrink: the int8 format quantises the LM head too
     if info.family in FP16_ROTARY_FAMILIES and dtype != torch.float16:
         for module in language_model.modules():  # one per model; one per attention layer before transformers 4.48
             if type(module).__name__.endswith("RotaryEmbedding"):
@@ -342,5 +349,5 @@ def load_mllm(folder, *, vision_tower=None, device=None, dtype: Optional[torch.d
     modules = MLLMModules(language_model, tower, projector).to(device)
     trim_heap_when_freed(modules)  # so the host's /free gives the RAM back
     model = LLMGAMLLM(info, modules, tokenizer, pixels, template or info.template)
-    model.quantization = quantization  # None, "8bit" or "4bit"
+    model.quantization = quantization  # None, "int8", "8bit" or "4bit"
     return model

@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-MODES = ("8bit", "4bit")
+MODES = ("8bit", "4bit")  # through bitsandbytes
+OWN_MODES = ("int8",)  # the pack's own format (int8_weights.py), no extra package
 LABELS = {"8bit": "8-bit", "4bit": "4-bit"}
 INT8_THRESHOLD = 6.0  # BitsAndBytesConfig's llm_int8_threshold, what load_in_8bit uses
 NF4_BLOCKSIZE = 64
@@ -35,12 +36,13 @@ class QuantizationUnavailableError(ValueError):
 
 
 def normalise(quantization) -> Optional[str]:
-    """None for no quantisation, else "8bit" or "4bit"; anything else is refused in one sentence."""
+    """None for no quantisation, else "8bit", "4bit" or "int8"; anything else is refused in one sentence."""
     if quantization is None or quantization == "none":
         return None
-    if quantization in MODES:
+    if quantization in MODES or quantization in OWN_MODES:
         return quantization
-    raise ValueError(f"quantization is {quantization!r}; use None (no quantisation), '8bit' or '4bit'.")
+    raise ValueError(f"quantization is {quantization!r}; use None (no quantisation), 'int8' (the pack's 8-bit "
+                     "weights, fast on CPUs), '8bit' (bitsandbytes' LLM.int8()) or '4bit' (NF4).")
 
 
 def install_command(upgrade: bool = False) -> str:
