@@ -1,9 +1,10 @@
-"""8-bit (LLM.int8()) and 4-bit (NF4) MLLM loading against the float model in the same process.
+"""8-bit (the pack's int8 blocks; bitsandbytes' LLM.int8()) and 4-bit (NF4) MLLM loading against the float model.
 
 For each model: the language model's weight bytes, how often the quantised model picks the float model's next
 token given the same text (teacher forcing over the float model's own greedy answer: prompt + N new tokens),
 how many greedy tokens agree before the first difference, and decode tokens/s, each as a ratio to the float32
-baseline (and 8-bit also against a float16 load, the original's dtype). Models: the seven tiny test families
+baseline (and 8-bit also against a float16 load, the original's dtype, beside llama.cpp's q8_0 of the same
+weights served by llama-server: its argmax after each prefix). Models: the seven tiny test families
 (weights of std 0.5, chaotic on purpose) and a random model of Qwen2-0.5B's real sizes (std 0.02), both in the
 released layout through load_mllm. Random weights give flat next-token distributions, far less decided than a
 trained model's, so these agreements are a lower bound of what a released checkpoint shows.
@@ -21,6 +22,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -33,8 +35,36 @@ PROMPT = "a lighthouse on a cliff at dusk, waves, dramatic sky"
 
 
 def lm_weight_bytes(mllm) -> int:
+    """The language model's parameters and buffers (the pack's int8 layers keep weights and scales as buffers)."""
     lm = mllm.model.language_model
-    return sum(t.numel() * t.element_size() for t in lm.parameters())
+    return sum(t.numel() * t.element_size() for t in (*lm.parameters(), *lm.buffers()))
+
+
+def llama_cpp_next_tokens(folder: Path, ids: list[int], kind: str = "q8_0") -> Optional[torch.Tensor]:
+    """llama.cpp's own argmax after each prefix of `ids` (teacher forcing, as next_tokens), on the folder written
+    as a `kind` GGUF and served by llama-server; None where llama-server or gguf is missing."""
+    import json
+    import urllib.request
+
+    from bench.bench_mllm import llama_server_missing
+    from llmga_core.export import write_gguf
+    from tests.fixtures.llama_server import LlamaServer
+
+    if llama_server_missing():
+        return None
+    path = folder / f"model-{kind}.gguf"
+    write_gguf(folder, path, dtype=kind)
+    chosen = []
+    with LlamaServer(path, threads=torch.get_num_threads() or 1, context=len(ids) + 16) as server:
+        for end in range(1, len(ids) + 1):
+            body = {"prompt": ids[:end], "n_predict": 1, "samplers": ["top_k"], "top_k": 1, "cache_prompt": True,
+                    "return_tokens": True}
+            request = urllib.request.Request(server.base_url + "/completion", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                chosen.append(json.load(response)["tokens"][0])
+    path.unlink(missing_ok=True)
+    return torch.tensor(chosen)
 
 
 def next_tokens(mllm, ids: list[int]) -> torch.Tensor:
@@ -62,7 +92,7 @@ def compare(label: str, folder: Path, device: str, tokens: int, float16: bool) -
     text = baseline.tokenizer.encode(PROMPT) + base_ids
     reference = next_tokens(baseline, text)
     rows = {}
-    variants = [("8bit", base_dtype, "8bit"), ("4bit", base_dtype, "4bit")]
+    variants = [("int8", base_dtype, "int8"), ("8bit", base_dtype, "8bit"), ("4bit", base_dtype, "4bit")]
     if float16 and base_dtype != torch.float16:
         variants.append(("float16", torch.float16, None))
     for name, dtype, quantization in variants:
@@ -72,14 +102,21 @@ def compare(label: str, folder: Path, device: str, tokens: int, float16: bool) -
         prefix = next((i for i, (a, b) in enumerate(zip(ids, base_ids)) if a != b), min(len(ids), len(base_ids)))
         rows[name] = (agree, prefix, lm_weight_bytes(model) / lm_weight_bytes(baseline), rate / base_rate)
         del model
-    if float16 and base_dtype != torch.float16:  # 8-bit against the original's float16 too
+    if float16 and base_dtype != torch.float16:  # 8-bit against the original's float16 too, llama.cpp's q8_0 as well
         f16 = load_mllm(folder, device=device, dtype=torch.float16)
-        q8 = load_mllm(folder, device=device, dtype=torch.float16, quantization="8bit")
         f16_ids = f16.generate(PROMPT, task="text-to-image", max_new_tokens=tokens).token_ids
         f16_text = f16.tokenizer.encode(PROMPT) + f16_ids
-        rows["8bit-vs-float16"] = (float((next_tokens(q8, f16_text) == next_tokens(f16, f16_text)).float().mean()),
-                                   None, None, None)
-        del f16, q8
+        f16_next = next_tokens(f16, f16_text)
+        for name in ("int8", "8bit"):
+            quantized = load_mllm(folder, device=device, dtype=torch.float16, quantization=name)
+            rows[f"{name}-vs-float16"] = (float((next_tokens(quantized, f16_text) == f16_next).float().mean()),
+                                          None, None, None)
+            del quantized
+        if device == "cpu":
+            served = llama_cpp_next_tokens(folder, f16_text)
+            if served is not None:
+                rows["llama.cpp-q8_0-vs-float16"] = (float((served == f16_next).float().mean()), None, None, None)
+        del f16
     print(f"{label}: float {str(base_dtype).removeprefix('torch.')} baseline {lm_weight_bytes(baseline) / 1e6:.1f} MB "
           f"LM weights, {base_rate:.2f} tokens/s, {len(text)} positions compared")
     for name, (agree, prefix, size, speed) in rows.items():
@@ -114,7 +151,8 @@ def load_peaks(folder: Path) -> None:
 
     repo = str(Path(__file__).resolve().parents[1])
     base = None
-    for dtype, quantization in (("float32", None), ("float16", None), ("float32", "8bit"), ("float32", "4bit")):
+    for dtype, quantization in (("float32", None), ("float16", None), ("float32", "int8"), ("float32", "8bit"),
+                                ("float32", "4bit")):
         code = LOAD_RSS.format(repo=repo, folder=str(folder), dtype=dtype, quantization=quantization)
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         before, peak, size = (int(v) for v in done.stdout.split()[-3:])
@@ -143,8 +181,10 @@ def main() -> None:
         for family in FAMILIES:
             summary[family] = compare(f"tiny {family}", make_mllm_folder(root, family), args.device, args.tokens,
                                       float16=True)
-        for mode in ("8bit", "4bit", "8bit-vs-float16"):
-            values = [rows[mode][0] for rows in summary.values()]
+        for mode in ("int8", "8bit", "4bit", "int8-vs-float16", "8bit-vs-float16", "llama.cpp-q8_0-vs-float16"):
+            values = [rows[mode][0] for rows in summary.values() if mode in rows]
+            if not values:
+                continue
             print(f"tiny families, {mode}: next-token agreement {min(values):.3f}–{max(values):.3f} "
                   f"(mean {sum(values) / len(values):.3f})")
         if not args.no_big:

@@ -23,7 +23,8 @@ Parts, in this order (random weights at the real sizes, drawn on the device; not
   editing: LLMGA editing on SD1.5's UNet layout (random, built on the device), 512², 50 steps, in float32, float16,
       bfloat16: seconds per phase and against img2img, mask agreement and max |Δ| against float32 (bench_editing's
       functions; needs diffusers).
-  quantization: a random Qwen2-0.5B-sized MLLM loaded with quantization "8bit" / "4bit" (bitsandbytes) against float16:
+  quantization: a random Qwen2-0.5B-sized MLLM loaded with quantization "int8" (the pack's) / "8bit" / "4bit"
+      (bitsandbytes) against float16:
       LM weight bytes, tokens/s, next-token agreement over the float16 answer (bench_quantization's functions).
   memory: bench/gpu_dynamic_vram.py's variants (pack, host-dynamic, legacy): whether SDXL pushes the MLLM off the GPU
       under ComfyUI 0.33's dynamic VRAM with a 16 GB card cap (needs the ComfyUI host, comfy_aimdo, comfy_kitchen,
@@ -529,7 +530,7 @@ def part_quantization(result: Result, settings: Settings) -> None:
                               "log": warnings.take()}
         result.save()
         del baseline
-        for quantization in ("8bit", "4bit"):
+        for quantization in ("int8", "8bit", "4bit"):  # the pack's own int8 (its CUDA path: the fused reduction)
             entry = result["variants"][quantization] = {}
             try:
                 model = load_mllm(folder, device=device, dtype=base_dtype, quantization=quantization)

@@ -83,7 +83,7 @@ def test_dry_run_runs_every_part(tmp_path):
     if quantization["status"] == "ok":
         result = quantization["result"]
         assert number(result["baseline"]["weight_bytes"])
-        for name in ("8bit", "4bit"):
+        for name in ("int8", "8bit", "4bit"):
             variant = result["variants"][name]
             assert "error" not in variant, (name, variant)
             assert number(variant["weight_bytes"]) and variant["x_weight_bytes"] < 1
