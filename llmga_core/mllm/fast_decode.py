@@ -148,7 +148,12 @@ def _reduction_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     4864-wide down projection read at 11 GB/s as one cascade sum, at the rate of the others in two parts)."""
     weight = module.weight.to(torch.float32)
     width = weight.shape[-1]
-    parts = next((p for p in range(-(-width // REDUCTION_CHUNK), 65) if width % p == 0), 1)
+    parts = 1  # a plain loop: torch 2.6's dynamo cannot trace next() with a default
+    if width > REDUCTION_CHUNK:
+        for candidate in range(-(-width // REDUCTION_CHUNK), 65):
+            if width % candidate == 0:
+                parts = candidate
+                break
     if parts == 1:
         out = (x.unsqueeze(-2).to(torch.float32) * weight).sum(-1)
     else:
@@ -248,11 +253,12 @@ GQA_DECODE = "llmga_gqa_decode"  # the attention implementation the decode steps
 
 
 def _gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' sdpa attention, for one query position without repeating the key/value heads: each key/value
-    head's query heads become its rows (transformers' own `pack_gqa`, which it skips inside torch.compile and
-    then copies the whole cache to every query head: for Qwen2-0.5B, 14 × 256 × 64 values twice per layer and
-    step, a fifth of a step's time). The same scaled_dot_product_attention on the same values; anything else
-    goes to transformers' function."""
+    """Attention for one query position without repeating the key/value heads: each key/value head's query heads
+    become its rows (transformers' own `pack_gqa`, which it skips inside torch.compile and then copies the whole
+    cache to every query head: for Qwen2-0.5B, 14 × 256 × 64 values twice per layer and step, a fifth of a step's
+    time). Written out (scores, mask, softmax, weighted sum) in float32, which inductor fuses into the step; torch's
+    CPU flash-attention kernel costs more than the rest of the attention at one query row. Anything else goes to
+    transformers' sdpa function."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
@@ -263,8 +269,12 @@ def _gqa_decode_attention(module, query, key, value, attention_mask, dropout=0.0
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     batch, heads, _, width = query.shape
-    packed = query.reshape(batch, heads // groups, groups, width)
-    out = nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    packed = query.reshape(batch, heads // groups, groups, width).to(torch.float32)
+    scores = packed @ key.to(torch.float32).transpose(-1, -2) * (width ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:  # sdpa's mask: True where a position is attended; or an additive one
+        scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
+                  else scores + attention_mask)
+    out = (scores.softmax(-1) @ value.to(torch.float32)).to(query.dtype)
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
