@@ -100,6 +100,9 @@ class Int8Quantizer:
         child = getattr(parent, name)
         if type(child) is nn.Linear:
             setattr(parent, name, Int8Linear(child, self.use_cpu_kernel))
+            # the loader holds every parameter object until it returns: empty this one now, so the float weight
+            # is freed layer by layer and a load never holds the whole float model
+            child.weight.data = torch.empty(0, dtype=child.weight.dtype, device=child.weight.device)
 
     def loaded(self, key: str) -> None:
         entry = self.waiting.pop(key, None)
