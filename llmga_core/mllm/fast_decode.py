@@ -18,8 +18,12 @@ finds it faster (`cpu_linear_choice`). A bfloat16 model uses cpu_kernels' AVX-51
 or not, where the processor has it: inductor's fused loop widens every bfloat16 weight to float32 and stays well
 below the memory rate. The pack's int8 layers (int8_weights.py) bring their own kernel.
 
-Nothing here changes the model: the prefill, the weights and the module tree stay as loaded; the linear kernel is
-swapped only for the duration of a decode.
+Attention at the one query row packs the query heads per key/value head instead of repeating the cache for every
+head (`decode_attention`), and after a request's first step the compiled step's guards are trusted
+(`_trusted_guards`).
+
+Nothing here changes the model: the prefill, the weights and the module tree stay as loaded; the linear kernel and
+the attention implementation are swapped only for the duration of a decode.
 """
 from __future__ import annotations
 
