@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
+from .quantization import _return_freed_memory  # the loader's heap trimming after each layer
 
 BLOCK = cpu_kernels.INT8_BLOCK
 KERNEL_MAX_ROWS = 4  # the kernel streams the weights once per activation row: a prompt's rows go to torch
@@ -112,8 +113,6 @@ class Int8Quantizer:
         keys.discard(key)
         if not keys:
             self._convert(parent, name)
-            from .quantization import _return_freed_memory  # the loader's heap trimming after each layer
-
             _return_freed_memory()
 
     def finish(self) -> None:
