@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the test environment from nothing: the real ComfyUI host from ../shared/host,
-# a venv with the host's torch stack, the host's requirements, the pack's requirements
+# a venv with the host's torch stack (torch itself shared between venvs: .ci/torch_base.sh), the host's requirements, the pack's requirements
 # and the test tools. Idempotent: a step whose result is present is skipped.
 #   LLMGA_HOST_VERSION  which ComfyUI of ../shared/host (default 0.33.0; also 0.3.64). One venv per host:
 #                       their pins differ (0.33 pins its frontend, comfy-aimdo, comfy-kitchen, needs torchaudio).
@@ -10,6 +10,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/.ci/shared_dir.sh"
+. "$root/.ci/torch_base.sh"
+torch_version=2.14.1
 version=${LLMGA_HOST_VERSION:-0.33.0}
 tarball="$shared/host/ComfyUI-$version.tar.gz"
 if [ ! -f "$tarball" ]; then
@@ -27,20 +29,26 @@ if [ ! -f "$host/.llmga-unpacked" ]; then  # the stamp, not main.py: an interrup
   touch "$host/.llmga-unpacked"
 fi
 
-if [ ! -x "$venv/bin/python" ]; then
-  echo "[setup] creating venv $venv"
-  "$py" -m venv "$venv"
-fi
 pip_quiet() {  # this machine's pip config names local wheel folders; their absence is not news
   "$venv/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location '" >&2)
 }
-stamp="$venv/.llmga-setup-$(cat "$root/requirements.txt" "$root/.ci/requirements-test.txt" "$host/requirements.txt" | sha1sum | cut -c1-12)"
+stamp="$venv/.llmga-setup-$( (echo "shared torch $torch_version"; cat "$root/requirements.txt" \
+  "$root/.ci/requirements-test.txt" "$host/requirements.txt") | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  echo "[setup] installing torch stack (from local disk where available)"
-  pip_quiet install torch==2.14.1 torchvision==0.29.1
+  # built from scratch whenever what it is built from changes, so nothing of an older layout stays
+  if [ -e "$venv" ] && [ ! -L "$venv" ] && [ ! -f "$venv/pyvenv.cfg" ]; then
+    echo "[setup] $venv exists and is not a venv; give a new folder in LLMGA_VENV" >&2
+    exit 2
+  fi
+  echo "[setup] creating venv $venv"
+  rm -rf "$venv"
+  "$py" -m venv "$venv"
+  echo "[setup] torch stack: the shared torch $torch_version, torchvision and torchaudio in the venv"
+  torch_base "$venv" "$torch_version"
+  pip_quiet install "torch==$torch_version" torchvision==0.29.1
   if grep -qE '^\s*torchaudio\s*$' "$host/requirements.txt"; then
     # 0.33's comfy/sd.py imports torchaudio; 2.11.1 (torch>=2.11) is the release that imports beside torch 2.14.1
-    pip_quiet install torch==2.14.1 torchaudio==2.11.1
+    pip_quiet install "torch==$torch_version" torchaudio==2.11.1
   fi
   echo "[setup] installing host requirements"
   grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$host/requirements.txt" > "$venv/host-requirements.txt"

@@ -25,6 +25,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/llmga-comfyui
 . "$root/.ci/shared_dir.sh"
+. "$root/.ci/torch_base.sh"
 venv=${1:-${LLMGA_LIB_VENV:-}}
 torch_spec=${2:-${LLMGA_TORCH:-}}
 transformers_spec=${3:-${LLMGA_TRANSFORMERS:-}}
@@ -48,8 +49,10 @@ pip_quiet() {  # this machine's pip config names local wheel folders; their abse
 }
 
 # the library venv
-stamp_text=$(printf '%s\n' "$torch_req" "$transformers_req" "$LLMGA_PINS" | cat - "$root/requirements.txt" \
-  "$root/.ci/requirements-test.txt")
+# an exact torch version is installed once and shared (.ci/torch_base.sh); a range is installed into the venv
+case "$torch_spec" in [0-9]*) shared_torch=$torch_spec ;; ==[0-9]*) shared_torch=${torch_spec#==} ;; *) shared_torch="" ;; esac
+stamp_text=$(printf '%s\n' "$torch_req" "$transformers_req" "$LLMGA_PINS" "shared torch ${shared_torch:-no}" | cat - \
+  "$root/requirements.txt" "$root/.ci/requirements-test.txt")
 stamp="$venv/.llmga-library-$(printf '%s' "$stamp_text" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "[library venv] building $venv: $torch_req, $transformers_req${LLMGA_PINS:+, $LLMGA_PINS}"
@@ -59,6 +62,7 @@ if [ ! -f "$stamp" ]; then
   fi
   rm -rf "$venv"
   "$py" -m venv "$venv"
+  if [ -n "$shared_torch" ]; then torch_base "$venv" "$shared_torch"; fi
   # every install runs under these constraints, so nothing later moves torch or transformers
   printf '%s\n' "$torch_req" "$transformers_req" $LLMGA_PINS > "$venv/llmga-constraints.txt"
   pip_quiet "$venv/bin/python" -m pip install -c "$venv/llmga-constraints.txt" "$torch_req" "$transformers_req"

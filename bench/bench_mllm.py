@@ -8,7 +8,10 @@ For each precision (`--precisions`, default f32,bf16,q8_0 on a CPU):
 
   - the pack: `LLMGAMLLM.generate` with the static-cache decoder (fast_decode.py, compiled), and its
     dynamic-cache loop (`decoder = "dynamic"`) as the baseline in the same process; f32 and bf16 load with
-    that dtype, q8_0 with `quantization="int8"` (the pack's int8 blocks of 32, LM head included);
+    that dtype, q8_0 with `quantization="int8"` (the pack's int8 blocks of 32, LM head included). The first
+    CPU decode moves the language model's weights onto transparent huge pages (llmga_core/mllm/huge_pages.py),
+    and every in-process contender on that model reads them there; a second load with `huge_pages = False`
+    ("4 KiB pages") measures the compiled step on the weights where the loader put them;
   - llama.cpp's llama-server (built by .ci/build_llama_server.sh) on the same weights written as GGUF by
     llmga_core.export (f32, bf16, q8_0), at the same thread count: its decode rate is the server's own
     `timings.predicted_per_second` for one request of N tokens (no HTTP in the figure); its greedy tokens come
@@ -43,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmga_core.export import write_gguf as write_gguf_file  # noqa: E402
-from llmga_core.mllm import fast_decode, load_mllm  # noqa: E402
+from llmga_core.mllm import fast_decode, huge_pages, load_mllm  # noqa: E402
 from llmga_core.mllm.tokenization import tokenizer_image_token  # noqa: E402
 from tests.fixtures.tiny_mllm import QWEN2_SIZES, make_mllm_folder, make_vision_tower  # noqa: E402
 
@@ -56,9 +59,15 @@ def synchronize(device: torch.device) -> None:
 
 
 def memory_bandwidth(device: torch.device) -> tuple[float, float]:
-    """(copy bytes read + written per second, sum bytes read per second) over 1 GiB, best of 5."""
-    data = torch.randn(256 * 1024 * 1024, device=device)  # written, so no page is a shared zero page
-    out = torch.randn_like(data)
+    """(copy bytes read + written per second, sum bytes read per second) over 1 GiB, best of 5; on the CPU on
+    huge pages where the OS has them, as the pack's CPU decode places its weights (llmga_core/mllm/huge_pages.py)."""
+    size = 256 * 1024 * 1024
+    buffers = [huge_pages.allocate(size * 4) if device.type == "cpu" else None for _ in range(2)]
+    data, out = (torch.empty(size, device=device) if memory is None else memory.view(torch.float32)
+                 for memory in buffers)
+    del buffers
+    data.normal_()  # written, so no page is a shared zero page
+    out.normal_()
     rates = {"copy": 0.0, "sum": 0.0}
     for _ in range(5):
         for name, run, moved in (("copy", lambda: out.copy_(data), 2), ("sum", lambda: data.sum(), 1)):
@@ -272,6 +281,7 @@ def main() -> None:
     rows = []  # (threads, precision, name, rate, bound, compile, agreement, × baseline)
     for precision in precisions:
         mllm = load_mllm(folder, device=device, **PACK_LOADS[precision])
+        small_pages = None
         lm = mllm.model.language_model
         read = bytes_per_token(lm)
         pack_name, before_name = "pack: compiled step", "pack: dynamic loop (baseline)"
@@ -282,6 +292,10 @@ def main() -> None:
             for static in (False, True):
                 label = "transformers generate, " + ("static + compile" if static else "eager")
                 contenders[label] = (transformers_generate(lm, embeds, eos, penalty, static=static), read)
+        if device.type == "cpu" and huge_pages.unavailable() is None:
+            small_pages = load_mllm(folder, device=device, **PACK_LOADS[precision])
+            small_pages.huge_pages = False  # the weights where the loader put them (4 KiB pages)
+            contenders["pack: compiled step, 4 KiB pages"] = (pack(small_pages, "auto"), read)
         for linear in filter(None, args.cpu_linears.split(",")):
             contenders[f"pack: compiled step, {linear} linear"] = (pack(mllm, "compiled", linear), read)
         if args.int8 and precision == "q8_0":
@@ -320,7 +334,7 @@ def main() -> None:
             where = f"{count} thread{'s' if count > 1 else ''}" if device.type == "cpu" else str(device)
             print(f"  {where}: memory copy {copy_rate / 1e9:.1f} GB/s (read + write), sum {read_rate / 1e9:.1f} "
                   "GB/s (read)")
-        del mllm, contenders
+        del mllm, contenders, small_pages
         gc.collect()
 
     print(f"\n{'threads':>7} {'prec.':>5} {'contender':44} {'tok/s':>7} {'× base':>7} {'bound':>7} {'% bound':>8} "

@@ -185,6 +185,17 @@ def test_the_loader_node_loads_8bit_under_host_memory_management(comfy_inprocess
     assert own.patcher.model_size() == own.mllm.size_bytes() < plain.patcher.model_size()
     out = nodes.LLMGAPromptGenerator.execute(own, **args)
     assert out.args[1] == own.mllm.generate(PROMPT, task="text-to-image", max_new_tokens=6).response
+    # the first CPU decode moved the language model onto huge pages (huge_pages.py); the host's loads and
+    # unloads leave it there, so later runs do not copy it again
+    from llmga_core.mllm import huge_pages
+
+    if huge_pages.unavailable() is None:
+        head = own.mllm.model.language_model.get_output_embeddings()
+        address = head.weight.data_ptr()
+        assert huge_pages.place(own.mllm.model.language_model) == 0
+        mm.unload_all_models()
+        nodes.LLMGAPromptGenerator.execute(own, **args)
+        assert head.weight.data_ptr() == address
 
 
 # ------------------------------------------------------------------------------------------- refusals

@@ -10,6 +10,7 @@ reproduced; they are listed in QUIRKS.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -127,6 +128,8 @@ class LLMGAMLLM(Assistant):
         # the CPU step's matrix-vector kernel: None picks it (fast_decode.cpu_linear_choice), or "reduction",
         # "onednn", "default" to compare them (bench_mllm.py)
         self.cpu_linear = None
+        # a CPU decode first moves the language model's weights onto transparent huge pages (huge_pages.py)
+        self.huge_pages = True
 
     # ------------------------------------------------------------------------------------- public
     def size_bytes(self) -> int:
@@ -250,10 +253,21 @@ class LLMGAMLLM(Assistant):
         return sequence[None]
 
     # ---------------------------------------------------------------------------------- decoding
+    def _place_on_huge_pages(self) -> None:
+        from . import huge_pages
+
+        start = time.perf_counter()
+        moved = huge_pages.place(self.model.language_model)
+        if moved:
+            log.info("LLMGA MLLM: %.0f MB of CPU weights moved onto huge pages in %.1f s (once per load)",
+                     moved / 1e6, time.perf_counter() - start)
+
     def _decode(self, embeds: torch.Tensor, temperature: float, top_p: Optional[float], max_new_tokens: int,
                 seed: int, counter: "_StepCounter") -> tuple[list[int], bool]:
         from transformers import DynamicCache
 
+        if embeds.device.type == "cpu" and self.huge_pages:
+            self._place_on_huge_pages()
         if self.decoder != "dynamic":  # the static cache and compiled step (fast_decode.py), else the dynamic-cache loop
             from . import fast_decode
 
