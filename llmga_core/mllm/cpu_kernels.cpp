@@ -12,7 +12,6 @@
 // single sequential stream (interleaving rows halved the read rate). Every entry point returns 0 when it ran,
 // 1 when this processor lacks the instructions or the shape does not fit (the caller then uses torch's code).
 // Built without -march so the library runs on any x86-64; the AVX-512 paths are chosen per call from CPUID.
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -86,6 +85,23 @@ LLMGA_AVX512 void rows_int8(const int16_t* xq, const float* xs, const int8_t* w,
     }
 }
 
+// Each block of 32 activations as 16-bit integers, round(x / step) to nearest even, step = the block's largest
+// magnitude / 32767 (0 for a block of zeros), in xs.
+LLMGA_AVX512 void quantize_activations(const float* x, int64_t blocks, int16_t* xq, float* xs) {
+    for (int64_t b = 0; b < blocks; ++b) {
+        const __m512 lo = _mm512_loadu_ps(x + kBlock * b), hi = _mm512_loadu_ps(x + kBlock * b + 16);
+        const float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        const float step = largest / 32767.0f, inverse = step > 0.0f ? 1.0f / step : 0.0f;
+        xs[b] = step;
+        const __m512 scale = _mm512_set1_ps(inverse);
+        // the conversions round to nearest even (the default rounding mode) and saturate to int16
+        _mm256_storeu_si256((__m256i*)(xq + kBlock * b),
+                            _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(lo, scale))));
+        _mm256_storeu_si256((__m256i*)(xq + kBlock * b + 16),
+                            _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(hi, scale))));
+    }
+}
+
 bool has_avx512() {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
@@ -146,15 +162,7 @@ int llmga_gemv_int8(const float* x, const int8_t* w, const uint16_t* scale, floa
     std::vector<int16_t> xq(k);
     std::vector<float> xs(blocks + 16);
     for (int64_t i = 0; i < m; ++i) {
-        const float* row = x + i * k;
-        for (int64_t b = 0; b < blocks; ++b) {
-            float largest = 0.0f;
-            for (int64_t j = 0; j < kBlock; ++j) largest = std::fmax(largest, std::fabs(row[kBlock * b + j]));
-            const float step = largest / 32767.0f, inverse = step > 0.0f ? 1.0f / step : 0.0f;
-            xs[b] = step;
-            for (int64_t j = 0; j < kBlock; ++j)
-                xq[kBlock * b + j] = (int16_t)std::lrint(row[kBlock * b + j] * inverse);
-        }
+        quantize_activations(x + i * k, blocks, xq.data(), xs.data());
         parallel_rows(n, threads, [&](int64_t begin, int64_t end) {
             rows_int8(xq.data(), xs.data(), w + begin * k, scale + begin * blocks, out + i * n + begin,
                       end - begin, k);
