@@ -40,7 +40,8 @@ def mapping_of(address: int) -> dict:
 
 class TiedModel(nn.Module):
     """A decoder's shape in small: an input embedding tied to the output head, an untied second embedding, a plain
-    linear layer, an int8 layer (buffers) and a norm; 12 MB in all, so whole huge pages fit."""
+    linear layer, an int8 layer, a norm and a buffer that two modules hold (as rotary tables are); 13 MB in all,
+    so whole huge pages fit."""
 
     def __init__(self):
         super().__init__()
@@ -52,6 +53,8 @@ class TiedModel(nn.Module):
         self.norm = nn.LayerNorm(512)
         self.head = nn.Linear(512, 2048, bias=False)
         self.head.weight = self.embed.weight
+        self.register_buffer("table", torch.randn(256, 512, generator=generator))
+        self.norm.register_buffer("table", self.table)
         with torch.no_grad():
             for parameter in self.parameters():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator))
@@ -71,12 +74,13 @@ def test_weights_move_onto_huge_pages_with_their_values_objects_and_ties():
     assert expected <= moved < expected + 64 * len(before)
     assert dict(model.named_parameters()) == parameters  # the same Parameter objects
     assert model.head.weight is model.embed.weight  # the tie is kept
+    assert model.norm.table is model.table  # so is the shared buffer
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         assert torch.equal(tensor, before[name]), name
     assert model.positions.weight.data_ptr() == positions_address
     # one mapping holds them all, it starts on a huge page boundary and the kernel backs it with huge pages
     region = mapping_of(model.linear.weight.data_ptr())
-    for tensor in (model.embed.weight, model.int8.weight, model.int8.scale, model.norm.bias):
+    for tensor in (model.embed.weight, model.int8.weight, model.int8.scale, model.norm.bias, model.table):
         assert mapping_of(tensor.data_ptr())["start"] == region["start"]
     first = min(t.data_ptr() for n, t in [*model.named_parameters(), *model.named_buffers()]
                 if n != "positions.weight")
