@@ -96,6 +96,29 @@ def test_weights_move_onto_huge_pages_with_their_values_objects_and_ties():
 
 
 @needs_thp
+def test_weights_made_under_inference_mode_stay_inference_tensors():
+    """ComfyUI runs every node under torch.inference_mode, so a model its loader node made has inference tensors
+    for weights: they move as inference tensors (a parameter made so cannot hold a normal tensor, and a forward
+    then fails with "Inference tensors do not track version counter"); a model made outside that mode keeps
+    normal tensors even when placed inside it."""
+    x = torch.randn(2, 512)
+    with torch.inference_mode():
+        made_inside = TiedModel()
+        expected = made_inside.linear(x)
+        assert huge_pages.place(made_inside) > 0
+        assert all(t.is_inference() for t in [*made_inside.parameters(), *made_inside.buffers()])
+        assert torch.equal(made_inside.linear(x), expected)
+        assert "hg" in mapping_of(made_inside.linear.weight.data_ptr())["VmFlags"]
+    made_outside = TiedModel()
+    with torch.inference_mode():
+        assert huge_pages.place(made_outside) > 0
+    assert not any(t.is_inference() for t in [*made_outside.parameters(), *made_outside.buffers()])
+    made_outside.linear.weight.data.add_(0)  # an in-place update outside inference mode, as before the move
+    with torch.no_grad():
+        assert torch.equal(made_outside.linear(x), made_inside.linear(x))
+
+
+@needs_thp
 def test_placing_twice_moves_nothing_and_a_moved_model_is_placed_again():
     model = TiedModel()
     assert huge_pages.place(model) > 0
@@ -157,3 +180,21 @@ def test_a_cpu_decode_places_the_language_model_and_keeps_its_tokens(family, qua
     if tower is not None:
         assert not region["start"] <= tower.data_ptr() < region["end"]
     assert not any("hg" in mapping_of(t.data_ptr()).get("VmFlags", []) for t in kept.model.parameters())
+
+
+@needs_thp
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_a_model_loaded_and_run_under_inference_mode_as_comfyui_does(quantization):
+    """ComfyUI's nodes run under torch.inference_mode: the load, the placement at the first decode and every later
+    request there, with the tokens of the same model left on its loader's pages."""
+    folder = shared_model_root() / RELEASED_NAMES["qwen2"]
+    loads = {"quantization": quantization} if quantization else {}
+    kept = load_mllm(folder, **loads)
+    kept.huge_pages = False
+    expected = kept.generate(PROMPT, task="text-to-image", max_new_tokens=10).token_ids
+    with torch.inference_mode():
+        placed = load_mllm(folder, **loads)
+        for _ in range(2):
+            assert placed.generate(PROMPT, task="text-to-image", max_new_tokens=10).token_ids == expected
+    head = placed.model.language_model.get_output_embeddings().weight
+    assert "hg" in mapping_of(head.data_ptr())["VmFlags"]

@@ -29,7 +29,7 @@ log = logging.getLogger("llmga")
 
 HUGE_PAGE = 2 * 1024 * 1024
 ALIGN = 64  # each tensor starts on a cache line
-_ARENA = "_llmga_huge_page_arena"  # the module attribute holding (first address, end address) of its weights
+_ARENA = "_llmga_huge_page_arena"  # the module attribute holding the (first, end) addresses of its weights
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,10 +46,11 @@ def unavailable() -> Optional[str]:
     return None
 
 
-def allocate(size: int) -> Optional[torch.Tensor]:
+def allocate(size: int, *, inference: bool = False) -> Optional[torch.Tensor]:
     """`size` bytes (uint8) of private anonymous memory advised for transparent huge pages before anything is
     written to it, starting on a huge page boundary; None where the OS offers none. Every view of the tensor keeps
-    the mapping alive, and the last one to go unmaps it."""
+    the mapping alive, and the last one to go unmaps it. `inference`: an inference tensor (torch.inference_mode),
+    whatever the mode of the caller."""
     if unavailable() is not None:
         return None
     length = (size + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE + HUGE_PAGE  # room to start on a boundary
@@ -59,7 +60,8 @@ def allocate(size: int) -> Optional[torch.Tensor]:
     except (OSError, ValueError) as error:
         log.debug("LLMGA MLLM: no huge pages (%s)", error)
         return None
-    memory = torch.frombuffer(mapping, dtype=torch.uint8)
+    with torch.inference_mode(inference):
+        memory = torch.frombuffer(mapping, dtype=torch.uint8)
     start = -memory.data_ptr() % HUGE_PAGE
     return memory[start:start + size]
 
@@ -90,13 +92,11 @@ def _current(holders: list[tuple[nn.Module, str, bool]]) -> torch.Tensor:
 
 
 def _placed(module: nn.Module, groups) -> bool:
-    span = getattr(module, _ARENA, None)
-    if span is None:
-        return False
-    first, end = span
+    spans = getattr(module, _ARENA, ())
     for holders in groups:
         tensor = _current(holders)
-        if not first <= tensor.data_ptr() <= tensor.data_ptr() + tensor.numel() * tensor.element_size() <= end:
+        start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
+        if not any(first <= start <= end <= last for first, last in spans):
             return False
     return True
 
@@ -109,13 +109,29 @@ def place(module: nn.Module) -> int:
     groups = _holders(module)
     if not groups or _placed(module, groups):
         return 0
+    spans, moved = [], 0
+    # A model loaded under torch.inference_mode (ComfyUI runs every node so) has inference tensors for weights, and
+    # a parameter made so cannot take a normal tensor as its data (nor the reverse): each kind gets memory of its own.
+    for inference in (False, True):
+        chosen = [holders for holders in groups if _current(holders).is_inference() == inference]
+        span = _move(chosen, inference) if chosen else None
+        if span is not None:
+            spans.append(span)
+            moved += span[1] - span[0]
+    setattr(module, _ARENA, tuple(spans))
+    return moved
+
+
+def _move(groups, inference: bool) -> Optional[tuple[int, int]]:
+    """Copies the tensors of `groups` into one new huge-page mapping and points their holders at the copies;
+    returns the (first, end) addresses of the copies, or None where no such memory could be had."""
     sizes = [_current(holders).numel() * _current(holders).element_size() for holders in groups]
     total = sum((size + ALIGN - 1) // ALIGN * ALIGN for size in sizes)
-    memory = allocate(total)
+    memory = allocate(total, inference=inference)
     if memory is None:
-        return 0
+        return None
     first, offset = memory.data_ptr(), 0
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(inference), torch.no_grad():
         for holders, size in zip(groups, sizes):
             tensor = _current(holders)
             target = memory[offset:offset + size].view(tensor.dtype).view(tensor.shape)
@@ -127,5 +143,4 @@ def place(module: nn.Module) -> int:
                     owner._buffers[name] = target
             del tensor  # the old storage goes now, so the peak grows by one tensor
             offset += (size + ALIGN - 1) // ALIGN * ALIGN
-    setattr(module, _ARENA, (first, first + total))
-    return total
+    return first, first + total
