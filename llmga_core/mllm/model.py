@@ -259,7 +259,7 @@ class LLMGAMLLM(Assistant):
         start = time.perf_counter()
         moved = huge_pages.place(self.model.language_model)
         if moved:
-            log.info("LLMGA MLLM: %.0f MB of CPU weights moved onto huge pages in %.1f s (once per load)",
+            log.info("LLMGA MLLM: %.1f MB of CPU weights moved onto huge pages in %.1f s (once per load)",
                      moved / 1e6, time.perf_counter() - start)
 
     def _decode(self, embeds: torch.Tensor, temperature: float, top_p: Optional[float], max_new_tokens: int,
